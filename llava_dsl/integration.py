@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -92,6 +92,24 @@ class MultiLayerCLIPVisionTower(CLIPVisionTower):
         super().__init__(vision_tower, args, delay_load)
         self.layer_spec = resolve_spec_for(args, self.config.num_hidden_layers)
 
+    def load_model(self, device_map=None):
+        # A trained tower is built eagerly while LLaVA's loader holds the model on the meta device; the
+        # pretrained weights it reads are discarded (the checkpoint's trained weights fill the tower next), and
+        # torch warns once per tensor about exactly that.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            super().load_model(device_map=device_map)
+
+    keep_full_precision = False  # set for a trainable tower beside an fp32 LLM
+
+    def to(self, *args, **kwargs):
+        # LLaVA's train() casts the tower to fp16 whenever bf16 is off; that would round a trainable tower's
+        # fp32 weights before the first step, so such a tower only moves device.
+        if self.keep_full_precision:
+            args = tuple(a for a in args if not isinstance(a, torch.dtype))
+            kwargs.pop("dtype", None)
+        return super().to(*args, **kwargs)
+
     @property
     def trainable(self) -> bool:
         return self.is_loaded and any(p.requires_grad for p in self.vision_tower.parameters())
@@ -165,6 +183,9 @@ def initialize_vision_modules(self, model_args, fsdp=None):
 
     upstream_args = dataclasses.replace(model_args, pretrain_mm_mlp_adapter=None)
     _UPSTREAM_INITIALIZE_VISION_MODULES(self, upstream_args, fsdp=fsdp)
+    tower = self.get_vision_tower()
+    if isinstance(tower, MultiLayerCLIPVisionTower):
+        tower.keep_full_precision = self.config.unfreeze_mm_vision_tower and self.dtype == torch.float32
     if model_args.pretrain_mm_mlp_adapter is not None:
         load_projector_adapter(self.mm_projector, model_args.pretrain_mm_mlp_adapter,
                                getattr(self.config, "mm_projector_type", None))
@@ -209,7 +230,10 @@ def vision_tower_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 
 def prepare_joint_training(model: nn.Module, args) -> None:
-    """Unfreeze the tower if the config asks for it; persist the tower learning rate."""
+    """Unfreeze the tower if the config asks for it; persist the tower learning rate.
+
+    Runs when the Trainer is built: the last point where train() has finished preparing the model.
+    """
     config = model.config
     unfreeze = bool(getattr(config, "unfreeze_mm_vision_tower", False))
     tower_lr = getattr(args, "mm_vision_tower_lr", None)
@@ -225,8 +249,6 @@ def prepare_joint_training(model: nn.Module, args) -> None:
         return
     for tower in (m for m in model.modules() if isinstance(m, CLIPVisionTower)):
         tower.vision_tower.requires_grad_(True)
-        if not (args.bf16 or args.fp16):
-            tower.to(torch.float32)  # LLaVA casts the tower to fp16 when bf16 is off; keep trained weights fp32
 
 
 def split_param_groups(groups: List[Dict], selected: set, lr: float) -> List[Dict]:

@@ -31,13 +31,20 @@ def _pop_flag(argv: List[str], name: str) -> Tuple[List[str], Optional[str]]:
     return rest, value
 
 
+def _flag_value(argv: List[str], name: str, default: str) -> str:
+    return _pop_flag(list(argv), name)[1] or default
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, attn_implementation = _pop_flag(argv, "attn_implementation")
 
     import llava_dsl
+    import transformers
 
     llava_dsl.register()
+    # LLaVA builds the projector before the Trainer seeds; seed first so a run is reproducible from its flags.
+    transformers.set_seed(int(_flag_value(argv, "seed", "42")))
     import llava.train.train as llava_train
 
     sys.argv = [sys.argv[0]] + argv  # LLaVA's train() parses sys.argv itself

@@ -1,0 +1,63 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Tiny LLaMA LM + 8-block CLIP tower + rendered-text LLaVA datasets, built once per session."""
+    from llava_dsl.tiny_assets import build_all
+
+    return build_all(str(tmp_path_factory.mktemp("assets")), seed=0, num_samples=16)
+
+
+def run_module(module, args, env=None, check=True, launcher=None, timeout=600):
+    """Run ``python -m module args`` (or a launcher command) and return the CompletedProcess."""
+    command = (launcher or [sys.executable, "-m"]) + [module] + [str(a) for a in args]
+    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def llava_flags(assets, stage, output_dir, projector="detached_mlp_multilayer", **extra):
+    """LLaVA-1.5's train.py flags for a tiny CPU run; ``stage`` is 'pretrain' or 'finetune'."""
+    flags = {
+        "model_name_or_path": assets["llm"],
+        "version": "plain" if stage == "pretrain" else "v1",
+        "data_path": assets[stage],
+        "image_folder": assets["image_folder"],
+        "vision_tower": assets["vision_tower"],
+        "mm_vision_select_layer": -2,
+        "mm_projector_type": projector,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 4,
+        "save_strategy": "no",
+        "report_to": "none",
+        "model_max_length": 128,
+        "bf16": False,
+        "tf32": False,
+        "logging_steps": 1,
+        "dataloader_num_workers": 0,
+        "lazy_preprocess": True,
+        "learning_rate": 1e-3,
+        "output_dir": output_dir,
+    }
+    if stage == "pretrain":
+        flags["tune_mm_mlp_adapter"] = True
+    flags.update(extra)
+    args = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        args += [f"--{key}", str(value)]
+    return args
