@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -24,8 +23,6 @@ from llava.train.llava_trainer import LLaVATrainer
 
 from .fusion import build_multilayer_mlp, clip_hidden_states, fuse_layers, parse_projector_type
 from .layer_spec import LayerSpec, LayerSpecError, resolve_layer_spec
-
-logger = logging.getLogger("llava_dsl")
 
 _UPSTREAM_BUILD_VISION_PROJECTOR = projector_builder.build_vision_projector
 _UPSTREAM_INITIALIZE_VISION_MODULES = llava_arch.LlavaMetaModel.initialize_vision_modules
@@ -180,6 +177,10 @@ def initialize_vision_modules(self, model_args, fsdp=None):
     self.config.unfreeze_mm_vision_tower = bool(getattr(model_args, "unfreeze_mm_vision_tower", False))
     if existing is not None and spec is not None:
         existing.layer_spec = spec  # same layers, possibly another detach depth for this stage
+    if spec is not None:
+        llava_train.rank0_print(
+            f"llava_dsl: {model_args.mm_projector_type} over vision layers {list(spec.concat_order)} "
+            f"(main, then taps deep to shallow); stop-gradient on {list(spec.detached_layers) or 'none'}")
 
     upstream_args = dataclasses.replace(model_args, pretrain_mm_mlp_adapter=None)
     _UPSTREAM_INITIALIZE_VISION_MODULES(self, upstream_args, fsdp=fsdp)
