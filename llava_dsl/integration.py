@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -27,6 +28,7 @@ from .layer_spec import LayerSpec, LayerSpecError, resolve_layer_spec
 _UPSTREAM_BUILD_VISION_PROJECTOR = projector_builder.build_vision_projector
 _UPSTREAM_INITIALIZE_VISION_MODULES = llava_arch.LlavaMetaModel.initialize_vision_modules
 _UPSTREAM_SAFE_SAVE = llava_train.safe_save_model_for_hf_trainer
+_UPSTREAM_LLAVA_LLAMA = llava_train.LlavaLlamaForCausalLM
 
 # Config keys this plugin writes; a checkpoint reloads into the same architecture from them alone.
 CONFIG_KEYS = ("mm_vision_skip_layers", "mm_vision_detach_depth", "unfreeze_mm_vision_tower", "mm_vision_tower_lr")
@@ -153,6 +155,12 @@ def build_vision_projector(config, delay_load=False, **kwargs):
 # --------------------------------------------------------------------------------------------------
 # initialize_vision_modules: resolve + persist the layer spec, ZeRO-3-safe adapter loading.
 # --------------------------------------------------------------------------------------------------
+def _print_once(message: str) -> None:
+    """Print on the first rank only (LLaVA's rank0_print stays silent in single-process runs)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
 def _tower_depth(vision_tower_name: str) -> int:
     from transformers import CLIPVisionConfig
     return CLIPVisionConfig.from_pretrained(vision_tower_name).num_hidden_layers
@@ -177,10 +185,12 @@ def initialize_vision_modules(self, model_args, fsdp=None):
     self.config.unfreeze_mm_vision_tower = bool(getattr(model_args, "unfreeze_mm_vision_tower", False))
     if existing is not None and spec is not None:
         existing.layer_spec = spec  # same layers, possibly another detach depth for this stage
-    if spec is not None:
-        llava_train.rank0_print(
-            f"llava_dsl: {model_args.mm_projector_type} over vision layers {list(spec.concat_order)} "
-            f"(main, then taps deep to shallow); stop-gradient on {list(spec.detached_layers) or 'none'}")
+    layers = (f"vision layers {list(spec.concat_order)} (main, then taps deep to shallow), stop-gradient on "
+              f"{list(spec.detached_layers) or 'none'}") if spec else f"vision layer {model_args.mm_vision_select_layer}"
+    _print_once(
+        f"llava_dsl: projector {model_args.mm_projector_type} over {layers}; vision tower "
+        f"{'trainable' if self.config.unfreeze_mm_vision_tower else 'frozen'}; "
+        f"attention {getattr(self.config, '_attn_implementation', None)}")
 
     upstream_args = dataclasses.replace(model_args, pretrain_mm_mlp_adapter=None)
     _UPSTREAM_INITIALIZE_VISION_MODULES(self, upstream_args, fsdp=fsdp)
@@ -293,6 +303,47 @@ def safe_save_model_for_hf_trainer(trainer, output_dir: str):
 
 
 # --------------------------------------------------------------------------------------------------
+# LoRA / QLoRA: adapters and quantization stay inside the language model.
+# --------------------------------------------------------------------------------------------------
+def _vision_module_ids(model: nn.Module) -> set:
+    """ids of every module inside a vision tower or a multimodal projector (never LoRA-wrapped or quantized)."""
+    roots = [m for m in model.modules() if isinstance(m, CLIPVisionTower)]
+    inner = getattr(model, "get_model", None)
+    projector = getattr(inner(), "mm_projector", None) if callable(inner) else None
+    if projector is not None:
+        roots.append(projector)
+    return {id(sub) for root in roots for sub in root.modules()}
+
+
+def lora_target_modules(model: nn.Module) -> List[str]:
+    """Full names of the language model's Linear layers, for PEFT's ``target_modules``.
+
+    LLaVA's ``find_all_linear_names`` returns leaf names (``q_proj``, ``fc1``, ...); PEFT matches those by
+    suffix, so whenever the tower is built before LoRA (finetuning from a LLaVA checkpoint whose tower is
+    trainable) it also wraps the CLIP tower's layers and trains LoRA and full tower weights at once.
+    """
+    excluded = _vision_module_ids(model)
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and id(module) not in excluded and name != "lm_head")
+
+
+class QuantizationSafeLlavaLlama:
+    """Stands in for ``LlavaLlamaForCausalLM`` inside train(): bitsandbytes must not quantize the vision tower.
+
+    LLaVA skips only ``mm_projector``; a tower built inside ``from_pretrained`` (finetuning from a LLaVA
+    checkpoint with a trained tower) would otherwise be turned into 4-/8-bit layers that cannot train.
+    """
+
+    @staticmethod
+    def from_pretrained(*args, **kwargs):
+        quantization = kwargs.get("quantization_config")
+        if quantization is not None:
+            skip = list(quantization.llm_int8_skip_modules or [])
+            quantization.llm_int8_skip_modules = skip + [m for m in ("mm_projector", "vision_tower") if m not in skip]
+        return _UPSTREAM_LLAVA_LLAMA.from_pretrained(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
 # Registration.
 # --------------------------------------------------------------------------------------------------
 PATCHES = (
@@ -309,6 +360,10 @@ PATCHES = (
     (llava_train, "LLaVATrainer", DSLTrainer, "unfreezes the tower and gives it its own optimizer group"),
     (llava_train, "safe_save_model_for_hf_trainer", safe_save_model_for_hf_trainer,
      "upstream calls torch.cuda.synchronize() on the DeepSpeed save, which fails without CUDA"),
+    (llava_train, "find_all_linear_names", lora_target_modules,
+     "upstream's leaf names make PEFT wrap the vision tower's layers too (LLaVA #1647)"),
+    (llava_train, "LlavaLlamaForCausalLM", QuantizationSafeLlavaLlama,
+     "with --bits 4/8, keep the vision tower out of bitsandbytes quantization"),
 )
 
 

@@ -35,9 +35,52 @@ def _flag_value(argv: List[str], name: str, default: str) -> str:
     return _pop_flag(list(argv), name)[1] or default
 
 
+def _requested(argv: List[str], name: str) -> bool:
+    """True if a boolean flag is on: ``--name``, ``--name True``, ``--name=true``."""
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}":
+            following = argv[i + 1] if i + 1 < len(argv) else ""
+            return following.startswith("--") or following.lower() in ("", "true", "1", "yes")
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1].lower() in ("true", "1", "yes")
+    return False
+
+
+def hardware_problems(argv: List[str], attn_implementation: Optional[str], cuda: bool) -> List[str]:
+    """What this command asks of the hardware that it does not have: one line per problem, with the fix."""
+    import importlib.util
+
+    problems = []
+    bits = _flag_value(argv, "bits", "16")
+    if attn_implementation == "flash_attention_2":
+        if not cuda:
+            problems.append("--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU use "
+                            "--attn_implementation sdpa (or eager)")
+        elif importlib.util.find_spec("flash_attn") is None:
+            problems.append("--attn_implementation flash_attention_2 needs the flash-attn package: "
+                            "pip install flash-attn --no-build-isolation (or use --attn_implementation sdpa)")
+    if _requested(argv, "fp16") and not cuda:
+        problems.append("--fp16 True needs a CUDA GPU; on CPU use --bf16 True, or --bf16 False for fp32")
+    if _requested(argv, "tf32") and not cuda:
+        problems.append("--tf32 True needs an Ampere-or-newer CUDA GPU; on CPU use --tf32 False")
+    if bits in ("4", "8"):
+        if not cuda:
+            problems.append(f"--bits {bits} (QLoRA through bitsandbytes) needs a CUDA GPU; on CPU drop --bits "
+                            f"(16-bit LoRA: --lora_enable True)")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"--bits {bits} needs the bitsandbytes package: pip install bitsandbytes")
+    return problems
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, attn_implementation = _pop_flag(argv, "attn_implementation")
+
+    import torch
+
+    problems = hardware_problems(argv, attn_implementation, torch.cuda.is_available())
+    if problems:  # before any weights load, not a stack trace minutes later
+        raise SystemExit("\n".join(f"llava_dsl.train: {problem}" for problem in problems))
 
     import llava_dsl
     import transformers

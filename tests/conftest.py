@@ -15,6 +15,23 @@ def tiny_assets(tmp_path_factory):
     return build_all(str(tmp_path_factory.mktemp("assets")), seed=0, num_samples=16)
 
 
+TOWER_LR = 1e-6
+STEPS = 4  # 16 samples / batch 4
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_assets, tmp_path_factory):
+    """Stage 1 (adapter only) then joint stage 2 with Detached Skip-Links, through the real CLI."""
+    out = tmp_path_factory.mktemp("runs")
+    pre = str(out / "llava-pre")
+    ft = str(out / "llava-ft")
+    run_module("llava_dsl.train", llava_flags(tiny_assets, "pretrain", pre))
+    run_module("llava_dsl.train", llava_flags(
+        tiny_assets, "finetune", ft, pretrain_mm_mlp_adapter=os.path.join(pre, "mm_projector.bin"),
+        unfreeze_mm_vision_tower=True, mm_vision_tower_lr=TOWER_LR))
+    return {"pre": pre, "ft": ft, "out": out}
+
+
 def run_module(module, args, env=None, check=True, launcher=None, timeout=600):
     """Run ``python -m module args`` (or a launcher command) and return the CompletedProcess."""
     command = (launcher or [sys.executable, "-m"]) + [module] + [str(a) for a in args]

@@ -10,22 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import llava_flags, run_module
-
-TOWER_LR = 1e-6
-STEPS = 4  # 16 samples / batch 4
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    pre = str(out / "llava-pre")
-    ft = str(out / "llava-ft")
-    run_module("llava_dsl.train", llava_flags(tiny_assets, "pretrain", pre))
-    run_module("llava_dsl.train", llava_flags(
-        tiny_assets, "finetune", ft, pretrain_mm_mlp_adapter=os.path.join(pre, "mm_projector.bin"),
-        unfreeze_mm_vision_tower=True, mm_vision_tower_lr=TOWER_LR))
-    return {"pre": pre, "ft": ft, "out": out}
+from conftest import STEPS, TOWER_LR, llava_flags, run_module
 
 
 def tower_state(path):
