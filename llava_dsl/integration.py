@@ -279,6 +279,11 @@ class DSLTrainer(LLaVATrainer):
         prepare_joint_training(model, args)
         super().__init__(model=model, args=args, **kwargs)
 
+    def log(self, logs):
+        if torch.cuda.is_available():  # peak GPU memory next to the loss, for every report_to target
+            logs = {**logs, "gpu_peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+        super().log(logs)
+
     def create_optimizer(self):
         optimizer = super().create_optimizer()
         lr = getattr(self.args, "mm_vision_tower_lr", None)
