@@ -5,6 +5,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the launcher installed beside this interpreter (CI does not put the venv on PATH)
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, llava_flags, run_module
+from conftest import DEEPSPEED, ROOT, llava_flags, run_module
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m gpu)")]
@@ -33,7 +33,7 @@ def test_bf16_zero3_joint_finetune(attention, runs, tiny_assets):
                         unfreeze_mm_vision_tower=True, mm_vision_tower_lr=2e-4, bf16=True, tf32=True,
                         gradient_checkpointing=True, max_steps=8, per_device_train_batch_size=2,
                         deepspeed=os.path.join(ROOT, "scripts/zero3/zero3.json"), attn_implementation=attention)
-    run_module("llava_dsl.train", flags, launcher=["deepspeed", "--num_gpus", "1", "--master_port", "29671", "--module"])
+    run_module("llava_dsl.train", flags, launcher=[DEEPSPEED, "--num_gpus", "1", "--master_port", "29671", "--module"])
     saved = load_file(os.path.join(out, "model.safetensors"))
     key = "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
     assert saved[key].dtype == torch.bfloat16 and saved["model.mm_projector.0.weight"].shape == (64, 128)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import STEPS, TOWER_LR, llava_flags, run_module
+from conftest import DEEPSPEED, STEPS, TOWER_LR, llava_flags, run_module
 
 
 def tower_state(path):
@@ -159,7 +159,7 @@ def test_zero3_loads_adapter_into_partitioned_projector_and_saves_on_cpu(runs, t
                         unfreeze_mm_vision_tower=True, learning_rate=0, max_steps=2, per_device_train_batch_size=2,
                         deepspeed=os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts/zero3/zero3.json"))
     run_module("llava_dsl.train", flags, env={"OMP_NUM_THREADS": "1"},
-               launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29631", "--module"])
+               launcher=[DEEPSPEED, "--num_gpus", "2", "--master_port", "29631", "--module"])
     saved = load_file(os.path.join(out, "model.safetensors"))
     before = load_file(os.path.join(runs["ft"], "model.safetensors"))
     for key, value in torch.load(adapter).items():
