@@ -53,6 +53,8 @@ class ModelArguments(llava_train.ModelArguments):
 class TrainingArguments(llava_train.TrainingArguments):
     mm_vision_tower_lr: Optional[float] = field(default=None, metadata={
         "help": "Learning rate of the vision tower when it is unfrozen (default: --learning_rate)."})
+    rprobe_aux_weight: float = field(default=0.0, metadata={
+        "help": "Add this weight x R-Probe pixel MSE to the LM loss (docs/rprobe.md); 0 = off, training unchanged."})
 
 
 def _layer_flags(args) -> Tuple:

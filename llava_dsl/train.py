@@ -90,6 +90,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     transformers.set_seed(int(_flag_value(argv, "seed", "42")))
     import llava.train.train as llava_train
 
+    if float(_flag_value(argv, "rprobe_aux_weight", "0")) != 0.0:
+        from llava_dsl.rprobe_stage import RProbeAuxTrainer
+
+        llava_train.LLaVATrainer = RProbeAuxTrainer  # the plugin's trainer + weight x probe loss
+
     sys.argv = [sys.argv[0]] + argv  # LLaVA's train() parses sys.argv itself
     llava_train.train(attn_implementation=attn_implementation)
     _close_process_group()
