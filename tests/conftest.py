@@ -38,7 +38,7 @@ def run_module(module, args, env=None, check=True, launcher=None, timeout=600):
     """Run ``python -m module args`` (or a launcher command) and return the CompletedProcess."""
     command = (launcher or [sys.executable, "-m"]) + [module] + [str(a) for a in args]
     full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}  # tiny models: 1 thread is faster
     result = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
