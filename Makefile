@@ -22,11 +22,33 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# The venv's bin/ goes first on PATH so the tests and scripts find its `deepspeed` launcher.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m llava_dsl.demo
 
 clean:
 	rm -rf $(VENV)
+
+# Second environment for Hugging Face exports (docs/export_hf.md): stock transformers 4.57.6 on the same CPU torch,
+# kept out of .venv (LLaVA needs transformers 4.37.2). Built once, cached by its stamp; tests/test_export_hf.py uses it.
+VENV_HF ?= .venv-hf
+HF_STAMP := $(VENV_HF)/.llava-dsl-hf-installed
+
+.PHONY: venv-hf clean-hf
+
+venv-hf: $(HF_STAMP)
+
+$(HF_STAMP): scripts/hf_env/constraints.txt scripts/hf_env/requirements.txt
+	$(PYTHON) -m venv $(VENV_HF)
+	$(VENV_HF)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_HF)/bin/python -m pip install --quiet -c scripts/hf_env/constraints.txt torch==2.13.0
+	$(VENV_HF)/bin/python -m pip install --quiet -c scripts/hf_env/constraints.txt -r scripts/hf_env/requirements.txt
+	touch $(HF_STAMP)
+
+test: $(HF_STAMP)
+
+clean-hf:
+	rm -rf $(VENV_HF)
