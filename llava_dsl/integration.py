@@ -276,9 +276,28 @@ def split_param_groups(groups: List[Dict], selected: set, lr: float) -> List[Dic
     return result + moved
 
 
+def cast_params_created_outside_zero_init(model: nn.Module, args) -> List[str]:
+    """ZeRO-3 with bf16/fp16: give parameters that zero.Init did not create the compute dtype.
+
+    LLaVA builds mm_projector after from_pretrained, outside zero.Init, so it stays fp32; DeepSpeed >= 0.19
+    no longer casts such parameters and then fails at the first matmul or in the optimizer's defragment.
+    """
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    params = list(model.named_parameters())
+    if dtype is None or not any(hasattr(p, "ds_id") for _, p in params):
+        return []
+    cast = []
+    for name, param in params:
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast.append(name)
+    return cast
+
+
 class DSLTrainer(LLaVATrainer):
     def __init__(self, model=None, args=None, **kwargs):
         prepare_joint_training(model, args)
+        cast_params_created_outside_zero_init(model, args)
         super().__init__(model=model, args=args, **kwargs)
 
     def log(self, logs):
