@@ -23,6 +23,7 @@ from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 from llava.train.llava_trainer import LLaVATrainer
 
 from .fusion import build_multilayer_mlp, clip_hidden_states, fuse_layers, parse_projector_type
+from .grad_stats import attach_grad_stats
 from .layer_spec import LayerSpec, LayerSpecError, resolve_layer_spec
 
 _UPSTREAM_BUILD_VISION_PROJECTOR = projector_builder.build_vision_projector
@@ -53,6 +54,13 @@ class ModelArguments(llava_train.ModelArguments):
 class TrainingArguments(llava_train.TrainingArguments):
     mm_vision_tower_lr: Optional[float] = field(default=None, metadata={
         "help": "Learning rate of the vision tower when it is unfrozen (default: --learning_rate)."})
+    dsl_grad_stats_every: int = field(default=0, metadata={
+        "help": "Split the vision tower's gradient into main and skip parts every N optimizer steps (0: off); "
+                "docs/diagnostics.md."})
+    dsl_grad_stats_dense_steps: int = field(default=0, metadata={
+        "help": "Also measure every one of the first K optimizer steps (the paper's early-training regime)."})
+    dsl_grad_stats_window: int = field(default=10, metadata={
+        "help": "Measured steps per statistics window (tr(Cov), SNR, mean cosine)."})
     rprobe_aux_weight: float = field(default=0.0, metadata={
         "help": "Add this weight x R-Probe pixel MSE to the LM loss (docs/rprobe.md); 0 = off, training unchanged."})
 
@@ -299,6 +307,7 @@ class DSLTrainer(LLaVATrainer):
         prepare_joint_training(model, args)
         cast_params_created_outside_zero_init(model, args)
         super().__init__(model=model, args=args, **kwargs)
+        self.grad_stats = attach_grad_stats(self)  # None unless a --dsl_grad_stats_* flag asks for it
 
     def log(self, logs):
         if torch.cuda.is_available():  # peak GPU memory next to the loss, for every report_to target
@@ -382,7 +391,7 @@ PATCHES = (
     (llava_arch.LlavaMetaModel, "initialize_vision_modules", initialize_vision_modules,
      "resolve/persist the layer spec before the projector is built; ZeRO-3-safe, shape-checked adapter load"),
     (llava_train, "ModelArguments", ModelArguments, "train() parses flags from these module globals"),
-    (llava_train, "TrainingArguments", TrainingArguments, "adds --mm_vision_tower_lr"),
+    (llava_train, "TrainingArguments", TrainingArguments, "adds --mm_vision_tower_lr, --dsl_grad_stats_*"),
     (llava_train, "LLaVATrainer", DSLTrainer, "unfreezes the tower and gives it its own optimizer group"),
     (llava_train, "safe_save_model_for_hf_trainer", safe_save_model_for_hf_trainer,
      "upstream calls torch.cuda.synchronize() on the DeepSpeed save, which fails without CUDA"),

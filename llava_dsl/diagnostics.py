@@ -1,0 +1,311 @@
+"""Gradient-interference diagnostics: curves from ``dsl_grad_stats.json``, and training with the measurement on.
+
+    python -m llava_dsl.diagnostics plot RUN_DIR [RUN_DIR ...] --out curves.png
+    python -m llava_dsl.diagnostics train <llava_dsl.train flags> --dsl_grad_stats_every N \
+        [--dsl_grad_stats_dense_steps K] [--dsl_grad_stats_window W]
+
+``plot`` draws one column per run (naive and detached side by side) and one row per statistic, a line per
+block group, with shared axes along each row. It needs only Pillow (matplotlib is not part of the stack).
+``train`` is ``python -m llava_dsl.train`` with the ``--dsl_grad_stats_*`` flags and the measuring trainer
+(see docs/diagnostics.md); it also works under ``deepspeed --module llava_dsl.diagnostics train ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from PIL import Image, ImageDraw, ImageFont
+
+STATS_FILE = "dsl_grad_stats.json"  # same name as grad_stats.STATS_FILE; this module does not import torch
+
+# (key in a window's group summary, row title, log scale)
+ROWS = (
+    ("trcov_ratio", "tr(Cov skip) / tr(Cov main)", True),
+    ("cos_mean", "mean cos(g_main, g_skip)", False),
+    ("snr_main", "SNR without skip: main part", False),
+    ("snr_full", "SNR with skip: main + skip", False),
+    ("norm_skip", "mean ||g_skip|| / mean ||g_main||", True),
+)
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+PANEL_W, PANEL_H, MARGIN_L, MARGIN_B, MARGIN_T, GAP = 420, 230, 70, 34, 26, 18
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading runs.
+# --------------------------------------------------------------------------------------------------
+def load_run(run_dir: str) -> Dict:
+    path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, STATS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: no {STATS_FILE} (was the run trained with --dsl_grad_stats_every or "
+                                f"--dsl_grad_stats_dense_steps?)")
+    with open(path) as f:
+        stats = json.load(f)
+    if not stats.get("windows"):
+        raise ValueError(f"{path}: no closed window yet ({len(stats.get('steps', []))} measured steps; a window "
+                         f"closes every {stats.get('schedule', {}).get('window')} measured steps)")
+    stats["label"] = run_label(run_dir, stats)
+    return stats
+
+
+def run_label(run_dir: str, stats: Dict) -> str:
+    spec = stats["layer_spec"]
+    kind = f"detached {spec['detached_layers']}" if spec["detached_layers"] else "naive"
+    name = os.path.basename(os.path.normpath(os.path.dirname(run_dir) if run_dir.endswith(".json") else run_dir))
+    return f"{name} ({kind})"
+
+
+SKIP_KEYS = ("trcov_ratio", "cos_mean", "norm_skip")  # undefined for a group no tap reaches (g_skip = 0)
+
+
+def series(stats: Dict, key: str) -> Dict[str, List[Tuple[float, float]]]:
+    """Per group: (window's last step, value) points; the skip/main norm ratio is derived from the norms."""
+    out: Dict[str, List[Tuple[float, float]]] = {}
+    main_only = {g["name"] for g in stats["groups"] if len(g["reached_by"]) == 1}
+    for window in stats["windows"]:
+        for group, values in window["groups"].items():
+            if key in SKIP_KEYS and group in main_only:
+                continue
+            if key == "norm_skip":
+                value = values["norm_skip"] / values["norm_main"] if values["norm_main"] > 0 else None
+            else:
+                value = values.get(key)
+            if value is not None and math.isfinite(value):
+                out.setdefault(group, []).append((window["last_step"], value))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing (Pillow).
+# --------------------------------------------------------------------------------------------------
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
+    if high <= low:
+        return [low]
+    raw = (high - low) / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=raw)
+    first = math.ceil(low / step) * step
+    ticks, value = [], first
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 12))
+        value += step
+    return ticks
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e4 or abs(value) < 1e-2:
+        return f"{value:.0e}"
+    return f"{value:.3g}"
+
+
+class _Axis:
+    def __init__(self, low: float, high: float, log: bool):
+        if log:
+            low, high = math.log10(low), math.log10(high)
+        if high - low < 1e-12:
+            spread = 0.5 if log else max(abs(low) * 0.1, 0.05)
+            low, high = low - spread, high + spread
+        pad = (high - low) * 0.06
+        self.low, self.high, self.log = low - pad, high + pad, log
+
+    def fraction(self, value: float) -> float:
+        v = math.log10(value) if self.log else value
+        return (v - self.low) / (self.high - self.low)
+
+    def ticks(self) -> List[float]:
+        if not self.log:
+            return _nice_ticks(self.low, self.high)
+        decades = range(math.floor(self.low), math.ceil(self.high) + 1)
+        for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 5, 7)):
+            ticks = [m * 10.0 ** d for d in decades for m in mantissas if 0 <= self.fraction(m * 10.0 ** d) <= 1]
+            if len(ticks) >= 3:
+                return ticks
+        return ticks
+
+
+def _row_range(runs: Sequence[Dict], key: str, log: bool) -> Tuple[float, float]:
+    values = [v for stats in runs for points in series(stats, key).values() for _, v in points if not log or v > 0]
+    if not values:
+        return (0.1, 10.0) if log else (0.0, 1.0)
+    return min(values), max(values)
+
+
+def plot(run_dirs: Sequence[str], out: str) -> str:
+    runs = [load_run(d) for d in run_dirs]
+    groups: List[str] = []
+    for stats in runs:
+        for g in stats["groups"]:
+            if g["name"] not in groups:
+                groups.append(g["name"])
+    colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    steps = [w["last_step"] for stats in runs for w in stats["windows"]]
+    x_axis = _Axis(min(steps), max(steps), log=False)
+
+    cell_w, cell_h = MARGIN_L + PANEL_W + GAP, MARGIN_T + PANEL_H + MARGIN_B
+    title_h, legend_h = 34, 30
+    width, height = cell_w * len(runs) + GAP, title_h + cell_h * len(ROWS) + legend_h
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    small, medium = _font(11), _font(14)
+
+    for column, stats in enumerate(runs):
+        x0 = column * cell_w + MARGIN_L
+        draw.text((x0, 8), stats["label"], fill="black", font=medium)
+    for row, (key, title, log) in enumerate(ROWS):
+        low, high = _row_range(runs, key, log)
+        y_axis = _Axis(low, high, log)
+        for column, stats in enumerate(runs):
+            left = column * cell_w + MARGIN_L
+            top = title_h + row * cell_h + MARGIN_T
+            right, bottom = left + PANEL_W, top + PANEL_H
+            to_px = lambda x, y: (left + x_axis.fraction(x) * PANEL_W, bottom - y_axis.fraction(y) * PANEL_H)
+            draw.text((left, top - 18), title + ("  (log)" if log else ""), fill="black", font=small)
+            for tick in y_axis.ticks():
+                if not 0 <= y_axis.fraction(tick) <= 1:
+                    continue
+                y = to_px(x_axis.low, tick)[1]
+                draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+                draw.text((left - 6, y), _fmt(tick), fill="black", font=small, anchor="rm")
+            for tick in _nice_ticks(x_axis.low, x_axis.high):
+                if not 0 <= x_axis.fraction(tick) <= 1 or tick != int(tick):
+                    continue
+                x = to_px(tick, low)[0]
+                draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+                draw.text((x, bottom + 6), str(int(tick)), fill="black", font=small, anchor="mt")
+            if not log and y_axis.low < 0 < y_axis.high:
+                y = to_px(x_axis.low, 0.0)[1]
+                draw.line([(left, y), (right, y)], fill=(150, 150, 150))
+            draw.rectangle([left, top, right, bottom], outline="black")
+            for group, points in series(stats, key).items():
+                pixels = [to_px(x, y) for x, y in points if not log or y > 0]
+                if len(pixels) > 1:
+                    draw.line(pixels, fill=colors[group], width=2)
+                for x, y in pixels:
+                    draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colors[group])
+            if row == len(ROWS) - 1:
+                draw.text(((left + right) / 2, bottom + 20), "optimizer step (window end)", fill="black",
+                          font=small, anchor="mt")
+    x = MARGIN_L
+    y = height - legend_h + 8
+    for group in groups:
+        draw.line([(x, y + 6), (x + 22, y + 6)], fill=colors[group], width=3)
+        draw.text((x + 28, y), group, fill="black", font=small)
+        x += 40 + int(draw.textlength(group, font=small))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    image.save(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Training with the measurement on.
+# --------------------------------------------------------------------------------------------------
+_MEASURING_CLASSES: Dict[str, type] = {}
+
+
+def _measuring_classes() -> Dict[str, type]:
+    """``GradStatsTrainingArguments`` (the flags) and ``GradStatsDSLTrainer``, built on first use so that
+    ``plot`` never imports llava; reachable as module attributes, so the Trainer can pickle its arguments."""
+    if _MEASURING_CLASSES:
+        return _MEASURING_CLASSES
+    from dataclasses import dataclass, field
+
+    from . import integration
+    from .grad_stats import attach_grad_stats
+
+    @dataclass
+    class GradStatsTrainingArguments(integration.TrainingArguments):
+        dsl_grad_stats_every: int = field(default=0, metadata={
+            "help": "Split the vision tower's gradient into main and skip parts every N optimizer steps (0: off)."})
+        dsl_grad_stats_dense_steps: int = field(default=0, metadata={
+            "help": "Also measure every one of the first K optimizer steps (the paper's early-training regime)."})
+        dsl_grad_stats_window: int = field(default=10, metadata={
+            "help": "Measured steps per statistics window (tr(Cov), SNR, mean cosine)."})
+
+    class GradStatsDSLTrainer(integration.DSLTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.grad_stats = attach_grad_stats(self)  # None unless a --dsl_grad_stats_* flag asks for it
+
+    for cls in (GradStatsTrainingArguments, GradStatsDSLTrainer):
+        cls.__qualname__ = cls.__name__
+        _MEASURING_CLASSES[cls.__name__] = cls
+    return _MEASURING_CLASSES
+
+
+def __getattr__(name: str):
+    if name in ("GradStatsTrainingArguments", "GradStatsDSLTrainer"):
+        return _measuring_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _install_measuring_trainer() -> tuple:
+    """Make ``llava_dsl.register()`` install the measuring trainer and its flags; returns the previous PATCHES.
+
+    Changes nothing once ``llava_dsl.integration.TrainingArguments`` declares ``--dsl_grad_stats_every`` itself.
+    """
+    from . import integration
+
+    previous = integration.PATCHES
+    if any(f.name == "dsl_grad_stats_every" for f in dataclasses.fields(integration.TrainingArguments)):
+        return previous
+    classes = _measuring_classes()
+    swap = {integration.TrainingArguments: classes["GradStatsTrainingArguments"],
+            integration.DSLTrainer: classes["GradStatsDSLTrainer"]}
+    integration.PATCHES = tuple((owner, name, swap.get(new, new), why) for owner, name, new, why in previous)
+    return previous
+
+
+def train(argv: Sequence[str]) -> None:
+    """``python -m llava_dsl.train argv`` with the measuring trainer; the plugin's own patches are back after."""
+    from . import integration
+    from . import train as train_entry
+
+    previous = _install_measuring_trainer()
+    try:
+        train_entry.main(list(argv))
+    finally:
+        integration.PATCHES = previous
+        integration.register()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI.
+# --------------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher puts --local_rank=N before the module's own arguments
+    launcher_flags = [a for a in argv[:1] if a.startswith("--local_rank")]
+    rest = argv[len(launcher_flags):]
+    if rest and rest[0] == "train":
+        train(launcher_flags + rest[1:])
+        return
+    parser = argparse.ArgumentParser(prog="python -m llava_dsl.diagnostics", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    plot_parser = commands.add_parser("plot", help="draw the grad-stats curves of one or more runs into one PNG")
+    plot_parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                             help=f"a training output_dir holding {STATS_FILE} (or the json file itself)")
+    plot_parser.add_argument("--out", required=True, help="PNG file to write")
+    commands.add_parser("train", help="python -m llava_dsl.train with the --dsl_grad_stats_* flags")
+    args = parser.parse_args(argv)
+    try:
+        print(plot(args.runs, args.out))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"llava_dsl.diagnostics plot: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
