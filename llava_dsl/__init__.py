@@ -3,8 +3,9 @@
     import llava_dsl
     llava_dsl.register()   # teaches the installed `llava` package the plugin's projector types and flags
 
-The core (``layer_spec``, ``fusion``) is plain torch and does not import ``llava``; everything that touches
-LLaVA lives in ``llava_dsl.integration`` and is loaded only by ``register()``.
+The core (``layer_spec``, ``fusion``, ``rprobe``, ``dpvr``) is plain torch and does not import ``llava``. Every
+name swapped inside LLaVA is listed, with its reason, in ``llava_dsl.integration.ALL_PATCHES`` (the core's own,
+plus those of ``safety`` and ``dpvr_integration``), and applied only by ``register()``.
 """
 from .layer_spec import LayerSpec, LayerSpecError, resolve_layer_spec
 
@@ -16,4 +17,4 @@ def register() -> None:
     """Register the plugin into the installed ``llava`` package. Idempotent."""
     from . import integration
 
-    integration.register()
+    integration.register()  # applies integration.ALL_PATCHES

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -22,9 +23,11 @@ import llava.train.train as llava_train
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 from llava.train.llava_trainer import LLaVATrainer
 
+from . import dpvr_integration, safety
 from .fusion import build_multilayer_mlp, clip_hidden_states, fuse_layers, parse_projector_type
 from .grad_stats import attach_grad_stats
 from .layer_spec import LayerSpec, LayerSpecError, resolve_layer_spec
+from .safety import SafetyTrainerMixin, save_adapter
 
 _UPSTREAM_BUILD_VISION_PROJECTOR = projector_builder.build_vision_projector
 _UPSTREAM_INITIALIZE_VISION_MODULES = llava_arch.LlavaMetaModel.initialize_vision_modules
@@ -39,7 +42,7 @@ CONFIG_KEYS = ("mm_vision_skip_layers", "mm_vision_detach_depth", "unfreeze_mm_v
 # Flags: LLaVA's dataclasses plus ours. train() builds its HfArgumentParser from these module globals.
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class ModelArguments(llava_train.ModelArguments):
+class ModelArguments(llava_train.ModelArguments, dpvr_integration.DPVRArguments):
     mm_vision_skip_layers: Optional[str] = field(default=None, metadata={
         "help": "Tapped vision-tower layers, e.g. '6,12,18' (hidden-state indices; 0 = embeddings, i = block i)."})
     mm_vision_skip_stride: Optional[int] = field(default=None, metadata={
@@ -210,6 +213,7 @@ def initialize_vision_modules(self, model_args, fsdp=None):
     if model_args.pretrain_mm_mlp_adapter is not None:
         load_projector_adapter(self.mm_projector, model_args.pretrain_mm_mlp_adapter,
                                getattr(self.config, "mm_projector_type", None))
+    dpvr_integration.configure_routing(self, model_args)  # side branch + routing keys (--mm_routing dpvr_lf)
 
 
 def _shape(param: torch.Tensor) -> Tuple[int, ...]:
@@ -302,12 +306,32 @@ def cast_params_created_outside_zero_init(model: nn.Module, args) -> List[str]:
     return cast
 
 
-class DSLTrainer(LLaVATrainer):
+def _no_sync_unless_zero_partitions_gradients(no_sync):
+    @contextlib.contextmanager
+    def guarded(model):
+        partitions = getattr(model, "zero_optimization_partition_gradients", None)
+        if partitions is not None and partitions():
+            yield
+        else:
+            with no_sync(model):
+                yield
+    return guarded
+
+
+class DSLTrainer(SafetyTrainerMixin, LLaVATrainer):
     def __init__(self, model=None, args=None, **kwargs):
         prepare_joint_training(model, args)
         cast_params_created_outside_zero_init(model, args)
+        dpvr_integration.prepare_routed_training(model, args)  # DPVR stage: only the routed parts train
         super().__init__(model=model, args=args, **kwargs)
         self.grad_stats = attach_grad_stats(self)  # None unless a --dsl_grad_stats_* flag asks for it
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        # accelerate 0.34 enters the model's no_sync() on every micro-step between accumulation boundaries, and
+        # DeepSpeed >= 0.16's engine asserts there under ZeRO-2/3; the engine accumulates (and reduces its
+        # partitioned gradients) by itself, which is what happened before the engine had a no_sync().
+        self.accelerator.no_sync = _no_sync_unless_zero_partitions_gradients(self.accelerator.no_sync)
 
     def log(self, logs):
         if torch.cuda.is_available():  # peak GPU memory next to the loss, for every report_to target
@@ -330,8 +354,12 @@ class DSLTrainer(LLaVATrainer):
 
 
 def safe_save_model_for_hf_trainer(trainer, output_dir: str):
-    """LLaVA's final save, minus its ``torch.cuda.synchronize()`` on machines without CUDA."""
-    if trainer.deepspeed and not getattr(trainer.args, "tune_mm_mlp_adapter", False) and not torch.cuda.is_available():
+    """LLaVA's final save, every file written atomically (``llava_dsl.safety``), minus its
+    ``torch.cuda.synchronize()`` on machines without CUDA."""
+    if getattr(trainer.args, "tune_mm_mlp_adapter", False):
+        save_adapter(trainer, output_dir)
+        return
+    if trainer.deepspeed and not torch.cuda.is_available():
         trainer.save_model(output_dir)
         return
     _UPSTREAM_SAFE_SAVE(trainer, output_dir)
@@ -394,7 +422,8 @@ PATCHES = (
     (llava_train, "TrainingArguments", TrainingArguments, "adds --mm_vision_tower_lr, --dsl_grad_stats_*"),
     (llava_train, "LLaVATrainer", DSLTrainer, "unfreezes the tower and gives it its own optimizer group"),
     (llava_train, "safe_save_model_for_hf_trainer", safe_save_model_for_hf_trainer,
-     "upstream calls torch.cuda.synchronize() on the DeepSpeed save, which fails without CUDA"),
+     "upstream writes mm_projector.bin in place (a crash truncates it) and calls torch.cuda.synchronize() on the "
+     "DeepSpeed save, which fails without CUDA"),
     (llava_train, "find_all_linear_names", lora_target_modules,
      "upstream's leaf names make PEFT wrap the vision tower's layers too (LLaVA #1647)"),
     (llava_train, "LlavaLlamaForCausalLM", QuantizationSafeLlavaLlama,
@@ -402,10 +431,15 @@ PATCHES = (
 )
 
 
+# Every name the plugin swaps inside `llava`, with its reason: the core's above, then those of the two feature
+# modules that also touch LLaVA (safe training and data checks; DPVR-LF routing), kept beside their code.
+ALL_PATCHES = PATCHES + safety.PATCHES + dpvr_integration.PATCHES
+
+
 def register() -> None:
-    for owner, name, replacement, _reason in PATCHES:
+    for owner, name, replacement, _reason in ALL_PATCHES:
         setattr(owner, name, replacement)
 
 
 def is_registered() -> bool:
-    return all(getattr(owner, name) is replacement for owner, name, replacement, _ in PATCHES)
+    return all(getattr(owner, name) is replacement for owner, name, replacement, _ in ALL_PATCHES)

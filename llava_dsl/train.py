@@ -6,6 +6,9 @@ Plugin flags (all persisted into the model config):
   --mm_vision_detach_depth D
   --unfreeze_mm_vision_tower True  --mm_vision_tower_lr LR
   --attn_implementation eager|sdpa|flash_attention_2   (what LLaVA's train_mem.py hard-codes)
+  --skip_bad_samples True  --max_masked_sample_fraction F   (docs/when_things_go_wrong.md)
+
+Restarting the same command resumes from the newest complete checkpoint in --output_dir.
 """
 from __future__ import annotations
 
@@ -84,7 +87,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     import llava_dsl
     import transformers
+    from llava_dsl.safety import cpu_safe_deepspeed_argv
 
+    argv = cpu_safe_deepspeed_argv(argv, torch.cuda.is_available())
     llava_dsl.register()
     # LLaVA builds the projector before the Trainer seeds; seed first so a run is reproducible from its flags.
     transformers.set_seed(int(_flag_value(argv, "seed", "42")))
