@@ -7,7 +7,8 @@
 Every MLLM parameter stays frozen; only the probe (``llava_dsl.rprobe.RProbe``) trains. One process runs a
 plain torch loop; under the ``deepspeed`` launcher with ``--deepspeed zero3.json`` the same code runs ZeRO-3
 (the checkpoint is loaded partitioned, the probe's copy of the LLM layers is gathered, not copied from
-empty partitions). See docs/rprobe.md.
+empty partitions). Training checkpoints (``--save-every``) let the same command resume after a kill with the
+same trajectory; every file the stage writes is written atomically. See docs/rprobe.md.
 
 Everything here that touches ``llava`` is listed in ``LLAVA_TOUCHES`` with the reason.
 """
@@ -19,6 +20,7 @@ import gc
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -35,6 +37,10 @@ from .rprobe import (
     build_conditional_sequence, copy_llm_weights, gathered, patchify, per_image_mse, per_image_psnr,
     plot_curves, probe_depth, reconstruction_grid, reconstruction_loss, steps_to_threshold, to_pil,
     unpatchify, weight_differences,
+)
+from .safety import (
+    atomic_file, atomic_torch_save, atomic_write_text, latest_complete_checkpoint, move_aside,
+    read_completion_marker, set_aside_incomplete, write_completion_marker,
 )
 
 LLAVA_TOUCHES = (
@@ -53,6 +59,10 @@ LLAVA_TOUCHES = (
 )
 
 PROBE_FILE = "rprobe.bin"
+STATE_FILE = "probe_state.json"  # in a training checkpoint: step, history, losses, the run's flags
+DEEPSPEED_TAG = "deepspeed"  # the sub-folder of a ZeRO-3 training checkpoint that DeepSpeed writes
+# Test hook: SIGKILL the process once it has run this many training steps (a kill at a known point).
+KILL_AFTER_STEPS_ENV = "LLAVA_DSL_TEST_SIGKILL_AFTER_STEPS"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 
@@ -108,6 +118,8 @@ class ProbeConfig:
     grid_images: int = 6
     num_workers: int = 0
     cache_images: bool = False
+    save_every: int = 500  # training checkpoints (when run_probe gets a checkpoint_dir); 0 = none
+    save_total_limit: int = 1  # newest checkpoints kept; 0 = all
 
     def validate(self) -> None:
         positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--eval-every": self.eval_every,
@@ -116,6 +128,10 @@ class ProbeConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ValueError(f"{flag}={value}: expected a positive integer")
+        if self.save_every < 0:
+            raise ValueError(f"--save-every={self.save_every}: expected an integer >= 0 (0: no checkpoints)")
+        if self.save_total_limit < 0:
+            raise ValueError(f"--save-total-limit={self.save_total_limit}: expected an integer >= 0 (0: keep all)")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate={self.learning_rate}: expected > 0")
         if self.norm_init not in NORM_INITS:
@@ -460,8 +476,7 @@ def probe_meta(model: nn.Module, probe: RProbe, geometry: ProbeGeometry, cfg: Pr
 
 
 def save_probe(path: str, state: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"state_dict": state, "meta": meta}, path)
+    atomic_torch_save({"state_dict": state, "meta": meta}, path)  # a crash leaves the old file or none
 
 
 def load_probe(path: str, ckpt: LoadedCheckpoint) -> Tuple[RProbe, Dict[str, Any]]:
@@ -511,13 +526,20 @@ def _loader(dataset, batch_sampler=None, batch_size=None, num_workers=0):
 
 
 class _Batches:
-    """Endless seeded batch sampler for torch's DataLoader (same order for every checkpoint)."""
+    """Endless seeded batch sampler for torch's DataLoader (same order for every checkpoint).
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
+    ``start`` skips the first batches by index only (a resumed run loads no image of a batch already trained).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, start: int = 0):
         self.args = (n, batch_size, seed, rank, world)
+        self.start = start
 
     def __iter__(self):
-        return batch_indices(*self.args)
+        batches = batch_indices(*self.args)
+        for _ in range(self.start):
+            next(batches)
+        return batches
 
 
 def trivial_baseline(train_set: ProbeImageSet, eval_set: ProbeImageSet, cfg: ProbeConfig,
@@ -575,11 +597,182 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints: resume after a kill with the same trajectory.
+# --------------------------------------------------------------------------------------------------
+# The settings a resumed run must share with the run that wrote the checkpoint (each changes the trajectory),
+# with the flag that sets each.
+_RUN_FLAGS = {
+    "steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
+    "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",
+    "eval_every": "--eval-every", "seed": "--seed", "depth": "--rprobe_depth", "head_hidden": "--rprobe_head_hidden",
+    "bidirectional": "--rprobe_bidirectional", "norm_init": "--rprobe_norm_init",
+    "conditional": "--rprobe_conditional", "use_text": "--rprobe_text",
+    "max_text_tokens": "--rprobe_max_text_tokens", "crop_fraction": "--rprobe_crop_fraction",
+    "eval_max_images": "--eval-max-images", "model_path": "--model-path / --checkpoints", "dtype": "--bf16",
+    "train_images": "--data-path (training images)",
+    "eval_images": "--eval-data-path / --eval-holdout (held-out images)",
+    "world_size": "number of ranks", "deepspeed": "--deepspeed",
+}
+
+
+def _run_settings(ckpt: LoadedCheckpoint, train_set, eval_set, cfg: ProbeConfig, deepspeed: bool) -> Dict[str, Any]:
+    settings = {k: getattr(cfg, k) for k in _RUN_FLAGS if hasattr(cfg, k)}
+    settings.update(model_path=os.path.abspath(ckpt.path), dtype=str(next(ckpt.model.parameters()).dtype),
+                    train_images=len(train_set), eval_images=len(eval_set), world_size=_world_size(),
+                    deepspeed=deepspeed)
+    return settings
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> Dict[str, Any]:
+    """This rank's RNG states as plain lists and tensors (loadable with ``weights_only=True``)."""
+    import numpy as np
+
+    version, internal, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import numpy as np
+
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    found = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
+        match = re.match(r"^checkpoint-(\d+)$", name)
+        if match and os.path.isdir(os.path.join(run_dir, name)):
+            found.append((int(match.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
+def find_resume_point(run_dir: str, settings: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The newest complete training checkpoint in ``run_dir`` and its saved state, or None.
+
+    Incomplete checkpoints are moved aside first (rank 0; every rank then sees the same folder). A checkpoint
+    written with other settings (``_RUN_FLAGS``) is refused, naming both values.
+    """
+    if _rank() == 0:
+        for message in set_aside_incomplete(run_dir):
+            _log(message)
+    _barrier()
+    checkpoint = latest_complete_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    marker = read_completion_marker(checkpoint)
+    saved = {**state["settings"], "world_size": marker["world_size"], "deepspeed": marker["deepspeed"]}
+    for key, flag in _RUN_FLAGS.items():
+        if saved.get(key) != settings.get(key):
+            raise ValueError(
+                f"{checkpoint} was written by a run with {flag} {saved.get(key)!r}, this run has "
+                f"{settings.get(key)!r}: a resumed run must keep the settings it started with (resume with "
+                f"{flag} {saved.get(key)!r}, or start over in another --output-dir or after moving the "
+                f"checkpoint away)")
+    return checkpoint, state
+
+
+def save_training_checkpoint(run_dir: str, step: int, state: Dict[str, Any], cfg: ProbeConfig, engine,
+                             probe: RProbe, optimizer, scheduler, meta: Dict[str, Any]) -> str:
+    """Write ``run_dir/checkpoint-STEP`` atomically; every rank calls this.
+
+    Files go to ``tmp-checkpoint-STEP``; the completion marker (each file with its size) is written last and the
+    folder is then renamed, so a kill at any point leaves either a complete checkpoint or one that the next
+    start moves aside. Older checkpoints beyond ``save_total_limit`` are removed only after that.
+    Plain loop: rprobe.bin (weights + meta, loadable by ``eval``), optimizer.pt, scheduler.pt. ZeRO-3:
+    DeepSpeed's own files (partitioned fp32 weights and optimizer state, the scheduler) under ``deepspeed/``.
+    Both: ``rng_state_RANK.pth`` per rank and probe_state.json (step, history, losses, settings).
+    """
+    name = f"checkpoint-{step}"
+    staging, final = os.path.join(run_dir, f"tmp-{name}"), os.path.join(run_dir, name)
+    if _rank() == 0:
+        for path in (staging, final):
+            if os.path.exists(path):  # from an earlier run; never mixed into this one
+                _log(f"{path} exists from an earlier run; moved to {move_aside(run_dir, path)}")
+        os.makedirs(staging)
+    _barrier()
+    if engine is not None:
+        # the frozen MLLM is rebuilt from its own checkpoint on resume: only the probe's state is saved
+        engine.save_checkpoint(staging, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    elif _rank() == 0:
+        torch.save({"state_dict": probe_state_dict(probe), "meta": meta}, os.path.join(staging, PROBE_FILE))
+        torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
+    torch.save(_rng_state(), os.path.join(staging, f"rng_state_{_rank()}.pth"))
+    if _rank() == 0:
+        atomic_write_text(os.path.join(staging, STATE_FILE), json.dumps({"step": step, **state}, indent=1))
+    _barrier()
+    if _rank() == 0:
+        write_completion_marker(staging, step, _world_size(), deepspeed=engine is not None)
+        os.replace(staging, final)
+        old = _checkpoints(run_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []
+        for _, path in old:
+            shutil.rmtree(path)
+    _barrier()
+    return final
+
+
+def load_training_checkpoint(checkpoint: str, engine, probe: RProbe, optimizer, scheduler) -> None:
+    """Probe weights, optimizer and scheduler state from ``checkpoint`` (the RNG is restored separately)."""
+    if engine is not None:
+        path, _ = engine.load_checkpoint(checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{checkpoint}: DeepSpeed found no checkpoint under {DEEPSPEED_TAG}/")
+        return
+    saved = torch.load(os.path.join(checkpoint, PROBE_FILE), map_location="cpu", weights_only=True)
+    device = next(probe.parameters()).device
+    probe.load_state_dict({k: v.to(device) for k, v in saved["state_dict"].items()})
+    optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device,
+                                         weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+
+_steps_run = 0  # training steps this process has run, over every probe of a compare
+
+
+def _kill_hook() -> None:
+    """Tests only: with $LLAVA_DSL_TEST_SIGKILL_AFTER_STEPS=N, SIGKILL this process after its N-th step."""
+    global _steps_run
+    _steps_run += 1
+    limit = os.environ.get(KILL_AFTER_STEPS_ENV)
+    if limit and _steps_run == int(limit):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_probe(ckpt: LoadedCheckpoint, train_set: ProbeImageSet, eval_set: ProbeImageSet, cfg: ProbeConfig,
-              ds_config: Optional[Dict] = None, dump_init: Optional[str] = None) -> Dict[str, Any]:
+              ds_config: Optional[Dict] = None, dump_init: Optional[str] = None,
+              checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
     """Train a fresh probe on ``ckpt`` for ``cfg.steps`` steps; evaluate at step 0, every ``eval_every`` and at the end.
 
-    Returns the history, final metrics, the init check, timings, the probe's weights and a few reconstructions.
+    With ``checkpoint_dir``, a training checkpoint is written there every ``cfg.save_every`` steps, and a run
+    that finds a complete one continues from it: weights, optimizer, scheduler, every rank's RNG state, data
+    position, evaluation history and per-step losses, so its results equal an uninterrupted run's.
+    Returns the history, per-step train losses, final metrics, the init check, timings, the probe's weights
+    and a few reconstructions.
     """
     cfg.validate()
     model = ckpt.model
@@ -591,7 +784,7 @@ def run_probe(ckpt: LoadedCheckpoint, train_set: ProbeImageSet, eval_set: ProbeI
     if dump_init:
         state = probe_state_dict(probe)
         if _rank() == 0:
-            torch.save(state, dump_init)
+            atomic_torch_save(state, dump_init)
     runner = ProbeRunner(model, probe, ckpt.geometry, cfg.conditional)
     trainable = [p for p in probe.parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -607,20 +800,40 @@ def run_probe(ckpt: LoadedCheckpoint, train_set: ProbeImageSet, eval_set: ProbeI
         engine, forward, device = None, runner, next(model.parameters()).device
     trainee = engine if engine is not None else runner
     rank, world = _rank(), _world_size()
-    loader = iter(_loader(train_set, batch_sampler=_Batches(len(train_set), cfg.batch_size, cfg.seed, rank, world),
-                          num_workers=cfg.num_workers))
+    meta = probe_meta(model, probe, ckpt.geometry, cfg, ckpt.path, ckpt.mean, ckpt.std)
+    settings = _run_settings(ckpt, train_set, eval_set, cfg, engine is not None)
     history: List[Dict[str, Any]] = []
+    losses: List[float] = []  # per step, averaged over ranks
+    recent: List[float] = []  # since the last evaluation
     train_seconds = eval_seconds = 0.0
-    recent: List[float] = []
+    start, resumed = 0, None
+    found = find_resume_point(checkpoint_dir, settings) if checkpoint_dir else None
+    if found is not None:
+        resumed, saved = found
+        load_training_checkpoint(resumed, engine, probe, optimizer, scheduler)
+        start, history, losses, recent = saved["step"], saved["history"], saved["losses"], saved["recent"]
+        train_seconds, eval_seconds = saved["train_seconds"], saved["eval_seconds"]
+        _log(f"resuming from {resumed} (step {start} of {cfg.steps}): probe weights, optimizer, scheduler, every "
+             f"rank's RNG state, data position and evaluation history")
+    elif checkpoint_dir and cfg.save_every:
+        _log(f"training checkpoints every {cfg.save_every} steps in {checkpoint_dir}")
+    loader = iter(_loader(train_set, batch_sampler=_Batches(len(train_set), cfg.batch_size, cfg.seed, rank, world,
+                                                            start=start), num_workers=cfg.num_workers))
+    if resumed is not None:  # after the loader, whose creation draws from the RNG
+        _set_rng_state(torch.load(os.path.join(resumed, f"rng_state_{rank}.pth"), weights_only=True))
 
-    def record(step: int, keep: int = 0) -> Dict[str, Any]:
+    def evaluation(keep: int = 0) -> Dict[str, Any]:
         nonlocal eval_seconds
-        start = time.perf_counter()
+        began = time.perf_counter()
         trainee.eval()
         metrics = evaluate(forward, eval_set, ckpt.geometry, cfg, device, ckpt.mean, ckpt.std, keep)
         trainee.train()
         model.eval()
-        eval_seconds += time.perf_counter() - start
+        eval_seconds += time.perf_counter() - began
+        return metrics
+
+    def record(step: int, keep: int = 0) -> Dict[str, Any]:
+        metrics = evaluation(keep)
         row = {"step": step, "mse": metrics["mse"], "psnr": metrics["psnr"],
                "train_loss": (sum(recent) / len(recent)) if recent else None}
         recent.clear()
@@ -630,12 +843,13 @@ def run_probe(ckpt: LoadedCheckpoint, train_set: ProbeImageSet, eval_set: ProbeI
              f"psnr {row['psnr']:.2f} dB{loss_text}")
         return metrics
 
-    record(0)
+    if start == 0:
+        record(0)
     trainee.train()
     model.eval()  # the MLLM stays in eval mode; only the probe trains
     final = None
-    for step in range(1, cfg.steps + 1):
-        start = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        began = time.perf_counter()
         batch = _to_device(next(loader), device)
         loss = forward(**batch)[0]
         if engine is not None:
@@ -648,21 +862,30 @@ def run_probe(ckpt: LoadedCheckpoint, train_set: ProbeImageSet, eval_set: ProbeI
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        recent.append(_mean_over_ranks(loss.detach()))
-        train_seconds += time.perf_counter() - start
+        value = _mean_over_ranks(loss.detach())
+        losses.append(value)
+        recent.append(value)
+        train_seconds += time.perf_counter() - began
         if step % cfg.eval_every == 0 or step == cfg.steps:
             final = record(step, keep=cfg.grid_images if step == cfg.steps else 0)
+        if checkpoint_dir and cfg.save_every and step % cfg.save_every == 0:
+            state = {"settings": settings, "history": history, "losses": losses, "recent": recent,
+                     "train_seconds": train_seconds, "eval_seconds": eval_seconds}
+            save_training_checkpoint(checkpoint_dir, step, state, cfg, engine, probe, optimizer, scheduler, meta)
+        _kill_hook()
+    if final is None:  # resumed from the last step: its row is in the history; redo the metrics and pictures
+        final = evaluation(keep=cfg.grid_images)
     after = {n: p.requires_grad for n, p in model.named_parameters()}
     if any(after.values()):
         raise RuntimeError("an MLLM parameter became trainable during probing")
     state = probe_state_dict(probe)
-    result = {"history": history, "final": {"mse": final["mse"], "psnr": final["psnr"],
-                                            "num_images": final["num_images"]},
+    result = {"history": history, "train_losses": losses,
+              "final": {"mse": final["mse"], "psnr": final["psnr"], "num_images": final["num_images"]},
               "init_check": check, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
               "seconds_per_step": train_seconds / cfg.steps, "probe_depth": probe.depth,
               "llm_layers": len(model.get_model().layers), "geometry": ckpt.geometry.as_dict(),
-              "state_dict": state, "meta": probe_meta(model, probe, ckpt.geometry, cfg, ckpt.path, ckpt.mean, ckpt.std),
-              "samples": final["samples"], "probe": probe}
+              "resumed_from": None if resumed is None else {"checkpoint": resumed, "step": start},
+              "state_dict": state, "meta": meta, "samples": final["samples"], "probe": probe}
     if engine is not None:
         result["probe"] = None  # partitioned; the gathered weights are in state_dict
         engine.destroy()
@@ -688,6 +911,10 @@ def deepspeed_config(path: str, cfg: ProbeConfig, bf16: bool) -> Dict[str, Any]:
     if half.get("enabled", "auto") == "auto":
         half["enabled"] = bf16
     config["gradient_clipping"] = cfg.grad_clip
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not torch.cuda.is_available():
+        # gloo: the coalesced all-gather can leave gathered weights stale (see safety.cpu_safe_deepspeed_argv)
+        zero["stage3_allgather_sequential"] = True
     config["zero_allow_untested_optimizer"] = True  # the probe's AdamW is a plain torch optimizer
     config.setdefault("steps_per_print", 10 ** 9)
     left = [k for k, v in _walk(config) if v == "auto"]
@@ -752,7 +979,7 @@ def write_pictures(output_dir: str, names: Sequence[str], results: Sequence[Dict
     if rows:
         grid = reconstruction_grid(rows, ["original"] + list(names))
         files["reconstructions"] = os.path.join(output_dir, "reconstructions.png")
-        grid.save(files["reconstructions"])
+        _save_image(grid, files["reconstructions"])
     series = {name: ([r["step"] for r in res["history"]], [r["mse"] for r in res["history"]])
               for name, res in zip(names, results)}
     lines = {"trivial (mean image)": trivial_mse}
@@ -760,8 +987,13 @@ def write_pictures(output_dir: str, names: Sequence[str], results: Sequence[Dict
         lines = {f"threshold {threshold:.3g}": threshold, **lines}
     plot = plot_curves(series, lines, "R-Probe held-out MSE", "probe training step", "MSE (normalised)")
     files["curves"] = os.path.join(output_dir, "mse_curve.png")
-    plot.save(files["curves"])
+    _save_image(plot, files["curves"])
     return files
+
+
+def _save_image(image, path: str) -> None:
+    with atomic_file(path) as temporary:
+        image.save(temporary, format="PNG")  # the temporary name has no extension to infer it from
 
 
 def _public(result: Dict[str, Any]) -> Dict[str, Any]:
@@ -831,6 +1063,11 @@ def _common(parser) -> None:
     _add(parser, "--deepspeed", default=None, help="DeepSpeed json (ZeRO-3: scripts/zero3/zero3.json)")
     _add(parser, "--dump-init", type=_bool, nargs="?", const=True, default=False,
          help="write the probe's initial (gathered) weights to OUTPUT_DIR/<name>/rprobe_init.bin")
+    _add(parser, "--save-every", type=int, default=ProbeConfig.save_every,
+         help="training checkpoint every N steps in OUTPUT_DIR/<name>/checkpoint-N; the same command resumes "
+              "from the newest complete one (0: none)")
+    _add(parser, "--save-total-limit", type=int, default=ProbeConfig.save_total_limit,
+         help="keep the newest N training checkpoints (0: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -859,7 +1096,8 @@ def config_from_args(args) -> ProbeConfig:
                       use_text=args.rprobe_text, max_text_tokens=args.rprobe_max_text_tokens,
                       crop_fraction=args.rprobe_crop_fraction, eval_max_images=args.eval_max_images,
                       baseline_max_images=args.baseline_max_images, grid_images=args.grid_images,
-                      num_workers=args.num_workers, cache_images=args.cache_images)
+                      num_workers=args.num_workers, cache_images=args.cache_images,
+                      save_every=args.save_every, save_total_limit=args.save_total_limit)
     cfg.validate()
     return cfg
 
@@ -910,8 +1148,7 @@ def _load(args, path: str, ds_config: Optional[Dict], device: Optional[str], dty
 
 
 def _write_json(path: str, payload: Dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def command_compare(args, checkpoints: Sequence[str]) -> Dict[str, Any]:
@@ -939,7 +1176,8 @@ def command_compare(args, checkpoints: Sequence[str]) -> Dict[str, Any]:
         run_dir = os.path.join(args.output_dir, name)
         os.makedirs(run_dir, exist_ok=True)
         result = run_probe(ckpt, train_set, eval_set, cfg, ds_config,
-                           dump_init=os.path.join(run_dir, "rprobe_init.bin") if args.dump_init else None)
+                           dump_init=os.path.join(run_dir, "rprobe_init.bin") if args.dump_init else None,
+                           checkpoint_dir=run_dir)
         if _rank() == 0:
             save_probe(os.path.join(run_dir, PROBE_FILE), result["state_dict"], result["meta"])
         result["probe_path"] = os.path.join(run_dir, PROBE_FILE)
@@ -1003,7 +1241,7 @@ def command_eval(args) -> Dict[str, Any]:
               "mse": metrics["mse"], "psnr": metrics["psnr"], "num_images": metrics["num_images"], "probe_meta": meta}
     if rows:
         report["reconstructions"] = os.path.join(args.output_dir, "reconstructions.png")
-        reconstruction_grid(rows, ["original", "probe"]).save(report["reconstructions"])
+        _save_image(reconstruction_grid(rows, ["original", "probe"]), report["reconstructions"])
     _write_json(os.path.join(args.output_dir, "eval.json"), report)
     _log(f"held-out mse {metrics['mse']:.4f}, psnr {metrics['psnr']:.2f} dB on {metrics['num_images']} images")
     return report
@@ -1034,7 +1272,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if args.command == "train" and _rank() == 0:
             # one checkpoint: its probe also goes beside report.json at the top of the output folder
             only = report["checkpoints"][0]
-            shutil.copyfile(only["probe_path"], os.path.join(args.output_dir, PROBE_FILE))
+            with atomic_file(os.path.join(args.output_dir, PROBE_FILE)) as temporary:
+                shutil.copyfile(only["probe_path"], temporary)
         return report
     finally:
         _close_process_group()
