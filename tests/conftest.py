@@ -1,12 +1,15 @@
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the launcher installed beside this interpreter (CI does not put the venv on PATH)
+# the launcher installed beside this interpreter (CI does not put the venv on PATH), else the one on PATH
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+if not os.path.exists(DEEPSPEED) and shutil.which("deepspeed"):
+    DEEPSPEED = shutil.which("deepspeed")
 
 
 @pytest.fixture(scope="session")

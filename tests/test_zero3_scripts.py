@@ -82,6 +82,8 @@ def test_deepspeed_configs_use_integer_buckets_and_whole_model_save():
         for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
             assert isinstance(zero[key], int), f"{name}: {key}={zero[key]!r} must be an integer"
         assert zero["stage3_gather_16bit_weights_on_model_save"] is True, name
+        # without the key DeepSpeed never clips, whatever --max_grad_norm says (LLaVA's own configs lack it)
+        assert json.loads((SCRIPTS / name).read_text())["gradient_clipping"] == "auto", name
 
 
 def test_offload_config_keeps_the_trainers_optimizer_groups():
@@ -120,7 +122,7 @@ def test_one_node_of_eight_gpus_is_llavas_command(script):
                 "weight_decay": "0.", "warmup_ratio": "0.03", "lr_scheduler_type": "cosine",
                 "mm_vision_select_layer": "-2", "mm_projector_type": "detached_mlp_multilayer",
                 "model_name_or_path": "lmsys/vicuna-7b-v1.5", "vision_tower": "openai/clip-vit-large-patch14-336",
-                "attn_implementation": "flash_attention_2"}
+                "attn_implementation": "flash_attention_2", "max_grad_norm": "0"}
     expected.update({
         "pretrain.sh": {"version": "plain", "learning_rate": "1e-3", "tune_mm_mlp_adapter": "True",
                         "data_path": "./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",

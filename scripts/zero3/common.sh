@@ -229,6 +229,10 @@ zero3_setup() {
     NUM_TRAIN_EPOCHS=${NUM_TRAIN_EPOCHS:-1}
     MAX_STEPS=${MAX_STEPS:--1}
     WEIGHT_DECAY=${WEIGHT_DECAY:-0.}
+    # LLaVA-1.5's DeepSpeed configs have no gradient_clipping, so its published runs were never clipped (the Trainer
+    # leaves clipping to DeepSpeed). Ours say "auto" and pass this on; 0 keeps the published recipe, with or without
+    # DeepSpeed alike.
+    MAX_GRAD_NORM=${MAX_GRAD_NORM:-0}
     WARMUP_RATIO=${WARMUP_RATIO:-0.03}
     LR_SCHEDULER_TYPE=${LR_SCHEDULER_TYPE:-cosine}
     SAVE_STRATEGY=${SAVE_STRATEGY:-steps}
@@ -283,6 +287,7 @@ zero3_common_flags() {
         --save_strategy "$SAVE_STRATEGY"
         --save_total_limit "$SAVE_TOTAL_LIMIT"
         --weight_decay "$WEIGHT_DECAY"
+        --max_grad_norm "$MAX_GRAD_NORM"
         --warmup_ratio "$WARMUP_RATIO"
         --lr_scheduler_type "$LR_SCHEDULER_TYPE"
         --logging_steps "$LOGGING_STEPS"
