@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import llava_flags, run_module
+from conftest import DEEPSPEED, ROOT, llava_flags, run_module
 
 from llava_dsl.grad_stats import (WindowAccumulator, attach_grad_stats, cosine, GradientSplitter, group_bounds,
                                   gradient_snr, is_measured_step, split_into_main_and_skip, trace_covariance)
@@ -262,7 +262,23 @@ def stats_runs(tiny_assets, tmp_path_factory):
     train_in_process(flags("llava-plain", "detached_mlp_multilayer", stats=False, gradient_accumulation_steps=2,
                            **det))
     train_in_process(flags("llava-naive", "mlp_multilayer", gradient_accumulation_steps=2))
-    return {name: str(out / f"llava-{name}") for name in ("detached", "plain", "naive")}
+    # the detached run again as 2 ranks x 1 sample under ZeRO-3, every tower tensor partitioned
+    config = json.load(open(os.path.join(ROOT, "scripts", "zero3", "zero3.json")))
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    zero3_config = str(out / "zero3_partition_all.json")
+    json.dump(config, open(zero3_config, "w"))
+    run_module("llava_dsl.diagnostics", ["train"] + flags(
+        "llava-zero3", "detached_mlp_multilayer", gradient_accumulation_steps=1, deepspeed=zero3_config, **det),
+        env=ONE_THREAD, launcher=[DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module"])
+    return {name: str(out / f"llava-{name}") for name in ("detached", "plain", "naive", "zero3")}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train_in_process(args):
@@ -341,3 +357,23 @@ def test_plot_draws_naive_and_detached_side_by_side(stats_runs, tmp_path):
             assert diagnostics.PALETTE[i] in colors, (group, left)
     missing = run_module("llava_dsl.diagnostics", ["plot", str(tmp_path), "--out", out], check=False)
     assert missing.returncode != 0 and "dsl_grad_stats.json" in missing.stderr
+
+
+def test_zero3_two_ranks_report_what_one_process_reports(stats_runs):
+    zero3, single = stats_of(stats_runs["zero3"]), stats_of(stats_runs["detached"])
+    assert [s["step"] for s in zero3["steps"]] == [s["step"] for s in single["steps"]] == list(range(1, STEPS + 1))
+    assert [g["name"] for g in zero3["groups"]] == [g["name"] for g in single["groups"]]
+    # step 1: same weights, same two samples (one per rank vs two accumulated micro-batches); only the order of
+    # the fp32 sums differs
+    for group, values in single["steps"][0]["groups"].items():
+        for key in ("norm_main", "norm_skip", "norm_full", "norm_applied", "cos"):
+            assert zero3["steps"][0]["groups"][group][key] == pytest.approx(values[key], rel=1e-4, abs=1e-9), \
+                (group, key)
+    # the window statistics over all steps follow within the drift of a few Adam steps
+    (window_zero3,), (window_single,) = zero3["windows"], single["windows"]
+    for group, values in window_single["groups"].items():
+        for key in ("trcov_main", "trcov_skip", "snr_main", "snr_full"):
+            assert window_zero3["groups"][group][key] == pytest.approx(values[key], rel=1e-2), (group, key)
+    zero3_losses, single_losses = losses(stats_runs["zero3"]), losses(stats_runs["detached"])
+    assert zero3_losses[0] == pytest.approx(single_losses[0], rel=1e-5)
+    assert zero3_losses == pytest.approx(single_losses, rel=1e-3)  # Adam amplifies the summation-order noise
