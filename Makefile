@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
+# DEMO_SCALE=4 make demo: four times the steps and data; DEMO_ARGS="--output_dir DIR --seed N" for the rest.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m llava_dsl.demo
+	$(PY) -m llava_dsl.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV)

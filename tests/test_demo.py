@@ -1,0 +1,127 @@
+"""The built-in demo (``make demo``), reduced to a few steps per stage: it runs the package's own command lines
+end to end and writes every promised output, well-formed."""
+import json
+import math
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import run_module
+from llava_dsl import demo
+
+STEPS = 3
+FIGURES = ("loss_curves", "tower_grad_norms", "grad_stats", "rprobe_mse", "rprobe_reconstructions")
+
+
+@pytest.fixture(scope="module")
+def reduced_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
+    result = run_module("llava_dsl.demo", ["--steps", STEPS, "--output_dir", out], timeout=900)
+    return out, result.stdout
+
+
+def _numbers(node, path=""):
+    """Every int/float leaf of a JSON tree, with its path."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _numbers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _numbers(value, f"{path}[{i}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, node
+
+
+def test_results_json_has_every_field_for_every_projector(reduced_demo):
+    out, _ = reduced_demo
+    results = json.load(open(out / "results.json"))
+    assert [row["projector"] for row in results["projectors"]] == list(demo.PROJECTORS)
+    for row in results["projectors"]:
+        for stage in ("stage1", "stage2"):
+            assert row[stage]["steps"] == STEPS
+            assert {"first_loss", "final_loss", "wall_seconds"} <= set(row[stage])
+            assert os.path.isfile(os.path.join(row[stage]["output_dir"], "config.json"))
+        assert {"final_mse", "final_psnr", "steps_to_threshold", "history"} <= set(row["rprobe"])
+        assert [h["step"] for h in row["rprobe"]["history"]][-1] == STEPS
+        for bench in demo.BENCHMARKS:
+            ev = row["eval"][bench]
+            assert {"score", "unit", "metric", "n", "answered", "wall_seconds"} <= set(ev)
+            assert ev["n"] == ev["answered"] == 4
+        measured = row["stage2"]["grad_stats"]
+        assert (measured is None) == (row["projector"] == "mlp2x_gelu")  # no skip path to measure
+    assert {"trivial_mse", "trivial_psnr", "threshold", "wall_seconds"} <= set(results["rprobe"])
+    assert results["wall_seconds"] > 0 and results["machine"]["cpu_count"] >= 1
+    bad = [(path, value) for path, value in _numbers(results) if not math.isfinite(value)]
+    assert not bad, f"non-finite numbers in results.json: {bad}"
+    # stage 1 never trains the tower, so naive and detached fusion are the same run there
+    rows = {row["projector"]: row for row in results["projectors"]}
+    assert rows["mlp_multilayer"]["stage1"]["first_loss"] == rows["detached_mlp_multilayer"]["stage1"]["first_loss"]
+
+
+def test_markdown_table_has_a_row_per_projector(reduced_demo):
+    out, stdout = reduced_demo
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip(" `") for row in rows] == list(demo.PROJECTORS)
+    header = table.splitlines()[0]
+    assert all(len(row.split("|")) == len(header.split("|")) for row in rows)
+    for column in ("R-Probe MSE", "R-Probe PSNR", "steps to threshold", "TextVQA", "OCRBench", "train time"):
+        assert column in header
+    assert table.strip() in stdout  # the same table is printed
+
+
+def test_every_figure_decodes(reduced_demo):
+    out, _ = reduced_demo
+    files = json.load(open(out / "results.json"))["files"]
+    for name in FIGURES:
+        assert os.path.dirname(files[name]) == str(out / "figures")
+        with Image.open(files[name]) as image:
+            image.load()
+            assert image.format == "PNG" and image.width > 200 and image.height > 100
+            low, high = image.convert("L").getextrema()
+            assert high - low > 50  # not blank
+
+
+def test_progress_and_logs(reduced_demo):
+    out, stdout = reduced_demo
+    for header in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert header in stdout
+    assert "stage2-detached_mlp_multilayer: 100%" in stdout
+    logs = sorted(os.listdir(out / "logs"))
+    assert "rprobe.log" in logs and "diagnostics-plot.log" in logs
+    assert sum(name.startswith("stage") for name in logs) == 6
+    assert sum(name.startswith("eval-") for name in logs) == 6
+
+
+def test_a_failed_step_names_its_log(tmp_path):
+    steps = demo.Steps(str(tmp_path / "logs"))
+    with pytest.raises(demo.DemoError) as error:
+        steps.run("broken", [sys.executable, "-c", "import sys; print('something broke'); sys.exit(3)"], 1,
+                  lambda line: None)
+    message = str(error.value)
+    assert "exit code 3" in message and str(tmp_path / "logs" / "broken.log") in message
+    assert "something broke" in message
+
+
+def test_plan_scales_and_rejects_bad_values():
+    one, four = demo.make_plan(1.0), demo.make_plan(4.0)
+    assert four.stage2_steps == 4 * one.stage2_steps and four.num_finetune == 4 * one.num_finetune
+    assert four.grad_stats_every > one.grad_stats_every  # about the same number of measured steps
+    with pytest.raises(demo.DemoError, match="expected a positive number"):
+        demo.make_plan(0.0)
+    with pytest.raises(demo.DemoError, match="--steps=1"):
+        demo.make_plan(1.0, steps=1)
+
+
+def test_a_foreign_output_folder_is_refused(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(demo.DemoError, match="not empty and was not written by the demo"):
+        demo.clean(str(tmp_path))
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    fresh = tmp_path / "fresh"
+    demo.clean(str(fresh))
+    (fresh / "runs").mkdir()
+    demo.clean(str(fresh))  # its own folder: cleared again
+    assert not (fresh / "runs").exists() and (fresh / demo.MARKER).is_file()
