@@ -232,10 +232,7 @@ def run_attention(args: argparse.Namespace) -> Dict:
     from llava.mm_utils import get_model_name_from_path
     from llava.model.builder import load_pretrained_model
 
-    from . import dpvr_integration
-
-    llava_dsl.register()
-    dpvr_integration.register()
+    llava_dsl.register()  # includes the DPVR-LF model hooks
     if not 0.0 < args.threshold < 1.0:
         raise SystemExit(f"--threshold={args.threshold}: expected a share in (0, 1)")
     samples = load_samples(args.data_path, args.image_folder, args.question, args.num_samples)

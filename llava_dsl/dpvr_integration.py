@@ -1,6 +1,6 @@
 """Every touch of the ``llava`` package for DPVR-LF (dual-path vision token routing, late-layer fusion).
 
-``register()`` applies ``PATCHES``: the model builds its side branch from the config, and LLaVA's forward and
+``llava_dsl.register()`` applies ``PATCHES`` (part of ``integration.ALL_PATCHES``): the model builds its side branch from the config, and LLaVA's forward and
 generate run the routed decoder (``llava_dsl.dpvr``) for a routed config; any other config takes LLaVA's own
 code path, call for call. The training entry point needs three more hooks that live in
 ``llava_dsl.integration`` (which owns the flag dataclass, ``initialize_vision_modules`` and the trainer):
@@ -372,15 +372,8 @@ PATCHES = (
 )
 
 
-def register() -> None:
-    for owner, name, replacement, _reason in PATCHES:
-        setattr(owner, name, replacement)
 
 
-def is_registered() -> bool:
-    return all(getattr(owner, name) is replacement for owner, name, replacement, _ in PATCHES)
-
-
-__all__ = ["DPVRArguments", "CONFIG_KEYS", "PATCHES", "register", "is_registered", "configure_routing",
+__all__ = ["DPVRArguments", "CONFIG_KEYS", "PATCHES", "configure_routing",
            "prepare_routed_training", "routing_spec_from_config", "prepare_inputs_with_image_mask",
            "parameter_counts", "routed_parameter_names", "route_layer_from_report", "SIDE_ATTENTION"]

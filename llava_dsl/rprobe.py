@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -368,6 +369,22 @@ def to_pil(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
     return Image.fromarray(array, mode="RGB")
 
 
+def _wrap(text: str, width: float, length) -> List[str]:
+    """``text`` cut into lines no wider than ``width`` (measured by ``length``), after '-', '_', '/' or ' ' where
+    possible, else between characters."""
+    lines, line = [], ""
+    for piece in [p for p in re.split(r"(?<=[-_/ ])", text) if p]:
+        if line and length(line + piece) > width:
+            lines.append(line)
+            line = ""
+        for char in piece:
+            if line and length(line + char) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    return lines + ([line] if line else [])
+
+
 def reconstruction_grid(rows: Sequence[Sequence], titles: Sequence[str], min_cell: int = 96):
     """A table of PIL images (rows x columns; None leaves a cell blank) under a row of column titles."""
     from PIL import Image, ImageDraw, ImageFont
@@ -377,15 +394,18 @@ def reconstruction_grid(rows: Sequence[Sequence], titles: Sequence[str], min_cel
         raise ValueError("no images to draw")
     side = max(max(c.size) for c in cells)
     scale = max(1, math.ceil(min_cell / side))
-    cell, pad, title_h = side * scale, 4, 28
+    cell, pad = side * scale, 4
     cols = len(titles)
     font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(str(title), cell, lambda text: measure.textlength(text, font=font)) for title in titles]
+    title_h = 12 + 12 * max([len(lines) for lines in wrapped] + [1])  # whole titles: checkpoint names differ late
     canvas = Image.new("RGB", (cols * (cell + pad) + pad, title_h + len(rows) * (cell + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(titles):
+    for j, lines in enumerate(wrapped):
         x = pad + j * (cell + pad)
-        label = title if draw.textlength(title, font=font) <= cell else title[: max(1, cell // 7)] + "~"
-        draw.text((x, 8), label, fill="black", font=font)
+        for k, line in enumerate(lines):
+            draw.text((x, 6 + 12 * k), line, fill="black", font=font)
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             if image is not None:
@@ -413,9 +433,12 @@ def plot_curves(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], hlin
     """Line plot drawn with ImageDraw: one polyline per series, dashed horizontal reference lines, a legend."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, height = size
-    left, right, top, bottom = 70, 190, 34, 50
     font = ImageFont.load_default()
+    labels = list(series) + list(hlines)
+    legend = max([ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(label), font=font) for label in labels] + [0])
+    left, right, top, bottom = 70, max(190, int(legend) + 46), 34, 50
+    size = (size[0] + right - 190, size[1])  # the plot keeps its width; the legend gets the room its labels need
+    width, height = size
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     xs = [float(x) for xs_, _ in series.values() for x in xs_]
@@ -460,6 +483,6 @@ def plot_curves(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], hlin
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         draw.line([(left + plot_w + 10, legend_y + 6), (left + plot_w + 30, legend_y + 6)], fill=colour, width=2)
-        draw.text((left + plot_w + 36, legend_y), label[:24], fill="black", font=font)
+        draw.text((left + plot_w + 36, legend_y), label, fill="black", font=font)
         legend_y += 16
     return canvas

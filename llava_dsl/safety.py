@@ -17,7 +17,7 @@ Three ways a LLaVA run loses work, and what this module does about each:
   ``--skip_bad_samples True``, are skipped and listed in ``OUTPUT_DIR/skipped_samples.jsonl``.
 
 The trainer behaviour is ``SafetyTrainerMixin`` (a base class of the plugin's trainer); the data side swaps the
-``llava`` names listed in ``PATCHES``, applied by ``register()``.
+``llava`` names listed in ``PATCHES``, applied by ``llava_dsl.register()`` (``integration.ALL_PATCHES``).
 """
 from __future__ import annotations
 
@@ -821,10 +821,3 @@ PATCHES = (
 )
 
 
-def register() -> None:
-    for owner, name, replacement, _reason in PATCHES:
-        setattr(owner, name, replacement)
-
-
-def is_registered() -> bool:
-    return all(getattr(owner, name) is replacement for owner, name, replacement, _ in PATCHES)

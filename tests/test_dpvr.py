@@ -2,7 +2,6 @@
 import copy
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -44,13 +43,12 @@ def one_thread():
 def llava(tiny_assets, tmp_path_factory):
     """A stock LLaVA over an 8-layer tiny LLaMA (random projector), in memory and saved as a checkpoint."""
     import llava_dsl
-    from llava_dsl import dpvr_integration, integration
+    from llava_dsl import integration
     from llava_dsl.tiny_assets import build_language_model
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from transformers import AutoTokenizer
 
     llava_dsl.register()
-    dpvr_integration.register()
     root = tmp_path_factory.mktemp("dpvr")
     llm = build_language_model(str(root / "llm8"), tiny_assets["llm"], num_layers=LAYERS)
     torch.manual_seed(0)
@@ -388,45 +386,6 @@ def test_analysis_tool_on_a_tiny_model_matches_uniform_attention(llava, tiny_ass
     assert meta.config.dpvr_route_layer == 0 and meta.config.dpvr_route_source.startswith("auto: ")
 
 
-# llava_dsl/integration.py takes the DPVR flags and two hooks (docs/dpvr.md, "Wiring into the training entry point");
-# where it does not yet, this launcher applies the same hooks from outside, so the stage runs through LLaVA's train().
-_LAUNCHER = r"""
-import dataclasses, sys
-import llava_dsl
-from llava_dsl import dpvr_integration, integration
-
-if not any(f.name == "mm_routing" for f in dataclasses.fields(integration.ModelArguments)):
-    register = llava_dsl.register
-
-    def wired_register():
-        register()
-        dpvr_integration.register()
-        import llava.model.llava_arch as llava_arch
-        import llava.train.train as llava_train
-
-        @dataclasses.dataclass
-        class ModelArguments(integration.ModelArguments, dpvr_integration.DPVRArguments):
-            pass
-
-        def initialize_vision_modules(self, model_args, fsdp=None):
-            integration.initialize_vision_modules(self, model_args, fsdp=fsdp)
-            dpvr_integration.configure_routing(self, model_args)
-
-        class Trainer(integration.DSLTrainer):
-            def __init__(self, model=None, args=None, **kwargs):
-                dpvr_integration.prepare_routed_training(model, args)
-                super().__init__(model=model, args=args, **kwargs)
-
-        llava_train.ModelArguments = ModelArguments
-        llava_arch.LlavaMetaModel.initialize_vision_modules = initialize_vision_modules
-        llava_train.LLaVATrainer = Trainer
-
-    llava_dsl.register = wired_register
-from llava_dsl.train import main
-main(sys.argv[1:])
-"""
-
-
 def test_dpvr_stage_through_llava_train(llava, tiny_assets):
     from safetensors.torch import load_file
 
@@ -439,7 +398,7 @@ def test_dpvr_stage_through_llava_train(llava, tiny_assets):
              "--save_strategy", "no", "--report_to", "none", "--model_max_length", "128", "--bf16", "False",
              "--tf32", "False", "--logging_steps", "1", "--dataloader_num_workers", "0", "--lazy_preprocess", "True",
              "--learning_rate", "1e-3", "--output_dir", out]
-    result = run_module(_LAUNCHER, flags, launcher=[sys.executable, "-c"], env={"OMP_NUM_THREADS": "1"})
+    result = run_module("llava_dsl.train", flags, env={"OMP_NUM_THREADS": "1"})
     assert "DPVR-LF trains the side branch" in result.stdout + result.stderr
     saved, start = load_file(os.path.join(out, "model.safetensors")), load_file(
         os.path.join(llava["checkpoint"], "model.safetensors"))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DEEPSPEED, ROOT
+from conftest import DEEPSPEED, ROOT, run_module
 from llava_dsl import rprobe
 from llava_dsl.rprobe import (
     ProbeGeometry, ProbeMismatchError, RProbe, attention_bias, batch_indices, build_conditional_sequence,
@@ -126,6 +126,20 @@ def test_pictures_are_drawn_with_pillow():
     assert grid.size[0] > 2 * 32 and grid.getpixel((grid.size[0] - 2, grid.size[1] - 2)) == (255, 255, 255)
     plot = rprobe.plot_curves({"a": ([0, 10], [1.0, 0.5])}, {"threshold": 0.7}, "t", "step", "mse")
     assert plot.size == (720, 440) and len(plot.getcolors(1 << 20)) > 3
+
+
+def test_long_checkpoint_names_are_drawn_whole():
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = lambda text: ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)
+    names = ["llava-mlp_multilayer-stage2", "llava-detached_mlp_multilayer-stage2"]  # differ only mid-name
+    for name in names:
+        lines = rprobe._wrap(name, 96, measure)
+        assert "".join(lines) == name and len(lines) > 1 and all(measure(line) <= 96 for line in lines)
+    short = rprobe.plot_curves({"a": ([0, 10], [1.0, 0.5])}, {}, "t", "step", "mse")
+    long = rprobe.plot_curves({name: ([0, 10], [1.0, 0.5]) for name in names}, {}, "t", "step", "mse")
+    assert long.size[0] - short.size[0] == int(measure(names[1])) + 46 - 190  # the legend widens, the plot does not
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,13 +409,24 @@ def test_zero3_two_ranks_copy_gathered_llm_layers_and_train(runs, probe_data, ft
     for name, value in reference.items():
         assert init[name].shape == value.shape and torch.equal(init[name], value.float()), name
     assert entry["init_check"]["tensors_compared"] == len(reference)
-    # the probe trained under ZeRO-3 and was saved whole. Equality with a one-process run is not asserted:
-    # 2-rank ZeRO-3 on CPU (gloo) is not reproducible run to run in this stack, with or without the probe
-    # (see scripts/zero3/README.md, "Known issue").
+    # the probe trained under ZeRO-3 and was saved whole
     zero3 = torch.load(out / "rprobe.bin")["state_dict"]
     assert init.keys() <= zero3.keys()
     assert all(zero3[k].shape == init[k].shape for k in init)
     assert any(not torch.equal(zero3[k], init[k]) for k in init)
+    # and it equals one process without DeepSpeed taking the same global batches (2 ranks x 2 = 4 per step)
+    single_out = tmp_path / "single"
+    single = [f if f != str(out) else str(single_out) for f in flags if f != "--dump-init"]
+    single = [a for i, a in enumerate(single) if a != "--deepspeed" and (i == 0 or single[i - 1] != "--deepspeed")]
+    single[single.index("--batch-size") + 1] = "4"
+    run_module("llava_dsl.rprobe_stage", single)
+    one = torch.load(single_out / "rprobe.bin")["state_dict"]
+    assert one.keys() == zero3.keys()
+    worst = max((float((one[k] - zero3[k]).abs().max()), k) for k in one)
+    assert worst[0] <= 1e-5, worst  # fp32 sums in another order (gloo all-reduce vs one batch of 4)
+    rows = lambda path: [(r["step"], r["mse"]) for r in json.load(open(path))["checkpoints"][0]["history"]]
+    for (step_a, mse_a), (step_b, mse_b) in zip(rows(out / "report.json"), rows(single_out / "report.json")):
+        assert step_a == step_b and mse_a == pytest.approx(mse_b, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

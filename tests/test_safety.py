@@ -40,8 +40,7 @@ def _trainer_class(fault):
     from llava_dsl import integration, safety
 
     base = integration.DSLTrainer
-    if not issubclass(base, safety.SafetyTrainerMixin):  # until DSLTrainer includes the mixin itself
-        base = type("SafeDSLTrainer", (safety.SafetyTrainerMixin, base), {})
+    assert issubclass(base, safety.SafetyTrainerMixin)
     when, step = fault.split(":") if fault else (None, "0")
     step = int(step)
 
@@ -77,29 +76,18 @@ def _trainer_class(fault):
 
 def _train(argv):
     import llava.train.train as llava_train
-    from llava_dsl import integration, safety
+    from llava_dsl import integration
     from llava_dsl import train as entry
 
     trainer = _trainer_class(os.environ.get(KILL_ENV))
     register_plugin = integration.register
 
-    def final_save(trainer, output_dir):
-        if getattr(trainer.args, "tune_mm_mlp_adapter", False):
-            safety.save_adapter(trainer, output_dir)
-        else:
-            integration.safe_save_model_for_hf_trainer(trainer, output_dir)
-
-    merged = issubclass(integration.DSLTrainer, safety.SafetyTrainerMixin)
-
     def register():
         register_plugin()
-        safety.register()
-        llava_train.LLaVATrainer = trainer
-        if not merged:  # once merged, the plugin's own final save calls safety.save_adapter
-            llava_train.safe_save_model_for_hf_trainer = final_save
+        llava_train.LLaVATrainer = trainer  # the plugin's trainer plus the test's kill points
 
     integration.register = register
-    entry.main(safety.cpu_safe_deepspeed_argv(argv, torch.cuda.is_available()))
+    entry.main(argv)  # the entry point itself switches on the sequential gather for ZeRO-3 on CPU
 
 
 # --------------------------------------------------------------------------------------------------
