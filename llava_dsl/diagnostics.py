@@ -12,7 +12,6 @@ block group, with shared axes along each row. It needs only Pillow (matplotlib i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -213,73 +212,11 @@ def plot(run_dirs: Sequence[str], out: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Training with the measurement on.
 # --------------------------------------------------------------------------------------------------
-_MEASURING_CLASSES: Dict[str, type] = {}
-
-
-def _measuring_classes() -> Dict[str, type]:
-    """``GradStatsTrainingArguments`` (the flags) and ``GradStatsDSLTrainer``, built on first use so that
-    ``plot`` never imports llava; reachable as module attributes, so the Trainer can pickle its arguments."""
-    if _MEASURING_CLASSES:
-        return _MEASURING_CLASSES
-    from dataclasses import dataclass, field
-
-    from . import integration
-    from .grad_stats import attach_grad_stats
-
-    @dataclass
-    class GradStatsTrainingArguments(integration.TrainingArguments):
-        dsl_grad_stats_every: int = field(default=0, metadata={
-            "help": "Split the vision tower's gradient into main and skip parts every N optimizer steps (0: off)."})
-        dsl_grad_stats_dense_steps: int = field(default=0, metadata={
-            "help": "Also measure every one of the first K optimizer steps (the paper's early-training regime)."})
-        dsl_grad_stats_window: int = field(default=10, metadata={
-            "help": "Measured steps per statistics window (tr(Cov), SNR, mean cosine)."})
-
-    class GradStatsDSLTrainer(integration.DSLTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.grad_stats = attach_grad_stats(self)  # None unless a --dsl_grad_stats_* flag asks for it
-
-    for cls in (GradStatsTrainingArguments, GradStatsDSLTrainer):
-        cls.__qualname__ = cls.__name__
-        _MEASURING_CLASSES[cls.__name__] = cls
-    return _MEASURING_CLASSES
-
-
-def __getattr__(name: str):
-    if name in ("GradStatsTrainingArguments", "GradStatsDSLTrainer"):
-        return _measuring_classes()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _install_measuring_trainer() -> tuple:
-    """Make ``llava_dsl.register()`` install the measuring trainer and its flags; returns the previous PATCHES.
-
-    Changes nothing once ``llava_dsl.integration.TrainingArguments`` declares ``--dsl_grad_stats_every`` itself.
-    """
-    from . import integration
-
-    previous = integration.PATCHES
-    if any(f.name == "dsl_grad_stats_every" for f in dataclasses.fields(integration.TrainingArguments)):
-        return previous
-    classes = _measuring_classes()
-    swap = {integration.TrainingArguments: classes["GradStatsTrainingArguments"],
-            integration.DSLTrainer: classes["GradStatsDSLTrainer"]}
-    integration.PATCHES = tuple((owner, name, swap.get(new, new), why) for owner, name, new, why in previous)
-    return previous
-
-
 def train(argv: Sequence[str]) -> None:
-    """``python -m llava_dsl.train argv`` with the measuring trainer; the plugin's own patches are back after."""
-    from . import integration
+    """``python -m llava_dsl.train argv``: the --dsl_grad_stats_* flags belong to the plugin's entry point."""
     from . import train as train_entry
 
-    previous = _install_measuring_trainer()
-    try:
-        train_entry.main(list(argv))
-    finally:
-        integration.PATCHES = previous
-        integration.register()
+    train_entry.main(list(argv))
 
 
 # --------------------------------------------------------------------------------------------------
