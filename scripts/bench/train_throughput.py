@@ -1,12 +1,14 @@
 """Stage-2 (joint) training throughput through the real entry point, per projector type, side by side.
 
-    python scripts/bench/train_throughput.py --out scripts/bench/results_train_<device>.json [--deepspeed ...]
+    python scripts/bench/train_throughput.py --out scripts/bench/results_train_<device>.json [--via-scripts] [--profile 10,5]
 
 Builds a scaled tiny model (a CLIP-L-shaped tower by default, since the vision side is what the projector types
 change) and runs `python -m llava_dsl.train` for `mlp2x_gelu`, `mlp_multilayer` and `detached_mlp_multilayer`
-with the vision tower unfrozen. Each type runs twice, with --max_steps SHORT and LONG, in interleaved order; the
-difference of the Trainer's train_runtime removes start-up and first-step costs: seconds per step =
-(runtime_long - runtime_short) / (LONG - SHORT).
+with the vision tower unfrozen. Every run goes through ``step_timer`` (this folder), which times each optimizer
+step between two device synchronisations. A run's seconds per step is the median over its steps after --warmup;
+each type runs --repeats times, in alternating order (A B, B A, ...), so drift in the machine hits every type
+alike, and the reported ratio is that of the medians over repeats, with the ratio of each repeat beside it.
+--profile START,COUNT adds one profiled run per type (top operators by device and host time).
 
 With --via-scripts the runs go through scripts/zero3/pretrain.sh (one step, for the adapter each stage-2 run starts
 from) and scripts/zero3/finetune.sh, unchanged, with their defaults except the model, data, sizes and step counts.
@@ -17,12 +19,15 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(BENCH))
 sys.path.insert(0, ROOT)
 
 from llava_dsl import tiny_assets  # noqa: E402
@@ -43,11 +48,20 @@ def build_assets(out: str, args) -> dict:
     return {"llm": llm, "tower": tower, **data}
 
 
-def run(assets: dict, projector: str, steps: int, out: str, args) -> float:
-    command = [sys.executable, "-m", "llava_dsl.train"]
+def _env(timer_out: str, profile: str = "") -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([BENCH, ROOT, os.environ.get("PYTHONPATH", "")]),
+           "STEP_TIMER_OUT": timer_out}
+    env.pop("STEP_TIMER_PROFILE", None)
+    if profile:
+        env["STEP_TIMER_PROFILE"] = profile
+    return env
+
+
+def run(assets: dict, projector: str, steps: int, out: str, args, timer_out: str, profile: str = "") -> None:
+    command = [sys.executable, "-m", "step_timer"]
     if args.deepspeed:
         command = ["deepspeed", "--num_gpus", str(args.num_gpus), "--master_port", str(args.master_port),
-                   "--module", "llava_dsl.train", "--deepspeed", args.deepspeed]
+                   "--module", "step_timer", "--deepspeed", args.deepspeed]
     flags = {
         "model_name_or_path": assets["llm"], "vision_tower": assets["tower"], "version": "v1",
         "data_path": assets["finetune"], "image_folder": assets["image_folder"], "mm_projector_type": projector,
@@ -61,18 +75,15 @@ def run(assets: dict, projector: str, steps: int, out: str, args) -> float:
     command += [item for key, value in flags.items() for item in (f"--{key}", str(value))]
     if args.attn_implementation:
         command += ["--attn_implementation", args.attn_implementation]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(timer_out, profile))
     if result.returncode != 0:
         raise SystemExit(f"{projector} x {steps} steps failed:\n{result.stderr[-4000:]}")
-    history = json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
-    return next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
 
 
-def run_scripts(assets: dict, projector: str, steps: int, out: str, args) -> float:
+def run_scripts(assets: dict, projector: str, steps: int, out: str, args, timer_out: str, profile: str = "") -> None:
     """finetune.sh (ZeRO-3, the deepspeed launcher) for ``steps`` steps; pretrain.sh first writes its adapter."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHON": sys.executable, "NUM_GPUS": str(args.num_gpus), "MASTER_PORT": str(args.master_port),
+    env = {**_env(timer_out, profile), "PYTHON": sys.executable, "NUM_GPUS": str(args.num_gpus),
+           "MASTER_PORT": str(args.master_port), "TRAIN_MODULE": "step_timer",
            "MODEL_NAME_OR_PATH": assets["llm"], "VISION_TOWER": assets["tower"], "PROJECTOR_TYPE": projector,
            "PRETRAIN_DATA_PATH": assets["pretrain"], "PRETRAIN_IMAGE_FOLDER": assets["image_folder"],
            "FINETUNE_DATA_PATH": assets["finetune"], "FINETUNE_IMAGE_FOLDER": assets["image_folder"],
@@ -88,7 +99,7 @@ def run_scripts(assets: dict, projector: str, steps: int, out: str, args) -> flo
     adapter = os.path.join(os.path.dirname(out), f"llava-{projector}-pretrain", "mm_projector.bin")
     stages = [("finetune.sh", {"MAX_STEPS": str(steps)})]
     if not os.path.exists(adapter):
-        stages.insert(0, ("pretrain.sh", {"MAX_STEPS": "1"}))
+        stages.insert(0, ("pretrain.sh", {"MAX_STEPS": "1", "STEP_TIMER_OUT": timer_out + ".pretrain"}))
     for script, extra in stages:
         result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "zero3", script)], capture_output=True,
                                 text=True, env={**env, **extra}, cwd=ROOT)
@@ -98,15 +109,18 @@ def run_scripts(assets: dict, projector: str, steps: int, out: str, args) -> flo
         retraces = (result.stdout + result.stderr).count("Invalidate trace cache")
         if retraces:  # ZeRO-3 fell back from its recorded module order: no prefetching on those steps
             print(f"{script} {projector}: DeepSpeed invalidated its ZeRO-3 trace {retraces} times", flush=True)
-    history = json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
-    return next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
+        flushes = (result.stdout + result.stderr).count("allocator cache flushes")
+        if flushes:  # memory pressure: the allocator emptied its cache and retried mid-step
+            print(f"{script} {projector}: DeepSpeed reported allocator cache flushes {flushes} times", flush=True)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--short", type=int, default=5)
-    parser.add_argument("--long", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=10, help="first steps of each run left out of its median")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per type, in alternating order")
+    parser.add_argument("--profile", default="", help="START,COUNT: one more run per type, profiled over those steps")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=336)
@@ -124,6 +138,8 @@ def main(argv=None) -> None:
     parser.add_argument("--via-scripts", action="store_true",
                         help="train through scripts/zero3/pretrain.sh + finetune.sh (ZeRO-3, deepspeed launcher)")
     args = parser.parse_args(argv)
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps={args.steps} must exceed --warmup={args.warmup}: no step would be timed")
 
     import torch
 
@@ -134,29 +150,62 @@ def main(argv=None) -> None:
     if unknown or not {"mlp2x_gelu", "detached_mlp_multilayer"} <= set(types):
         raise SystemExit(f"--types={args.types}: expected a subset of {','.join(TYPES)} that holds mlp2x_gelu and "
                          f"detached_mlp_multilayer")
-    runtimes = {t: {} for t in types}
-    for steps in (args.short, args.long):
-        for projector in types:  # interleaved, so drift hits every type alike
-            runner = run_scripts if args.via_scripts else run
-            runtimes[projector][steps] = runner(assets, projector, steps, os.path.join(work, f"llava-{projector}"), args)
-            print(f"{projector} x {steps} steps: train_runtime {runtimes[projector][steps]:.2f} s", flush=True)
-    per_step = {t: (r[args.long] - r[args.short]) / (args.long - args.short) for t, r in runtimes.items()}
+    runner = run_scripts if args.via_scripts else run
+    runs = {t: [] for t in types}
+    for repeat in range(args.repeats):
+        for projector in (types if repeat % 2 == 0 else types[::-1]):
+            timer_out = os.path.join(work, f"steps-{projector}-{repeat}.json")
+            runner(assets, projector, args.steps, os.path.join(work, f"llava-{projector}"), args, timer_out)
+            timed = json.load(open(timer_out))
+            median = statistics.median(timed["step_s"][args.warmup:])
+            between = statistics.median(timed["between_s"][args.warmup:])
+            runs[projector].append({"median_step_s": median, "median_between_s": between, **timed})
+            print(f"repeat {repeat} {projector}: {median * 1000:.1f} ms/step (+{between * 1000:.1f} ms between "
+                  f"steps), memory {timed['memory']}", flush=True)
+    profiles, profiled = {}, {}
+    if args.profile:
+        for projector in types:
+            timer_out = os.path.join(work, f"steps-{projector}-profiled.json")
+            runner(assets, projector, args.steps, os.path.join(work, f"llava-{projector}"), args, timer_out,
+                   profile=args.profile)
+            timed = json.load(open(timer_out))
+            profiled[projector] = {k: v for k, v in timed.items() if k.startswith("profiled_")}
+            profile_file = os.path.splitext(args.out)[0] + f".{projector}.profile.txt"
+            shutil.copy(os.path.splitext(timer_out)[0] + ".profile.txt", profile_file)
+            profiles[projector] = profile_file
+            print(f"profile of {projector}: {profile_file}", flush=True)
+
+    per_step = {t: statistics.median(r["median_step_s"] for r in runs[t]) for t in types}
     throughput = {t: args.batch * max(1, args.num_gpus) / s for t, s in per_step.items()}
+    per_repeat = [runs["mlp2x_gelu"][i]["median_step_s"] / runs["detached_mlp_multilayer"][i]["median_step_s"]
+                  for i in range(args.repeats)]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__, "args": vars(args),
-        "runtimes_s": runtimes, "seconds_per_step": per_step, "samples_per_second": throughput,
+        "runs": runs, "seconds_per_step": per_step, "samples_per_second": throughput,
         "throughput_ratio_detached_vs_mlp2x_gelu": throughput["detached_mlp_multilayer"] / throughput["mlp2x_gelu"],
+        "throughput_ratio_per_repeat": per_repeat, "profiles": profiles,
+        "profiled_runs": profiled,
     }
+    if args.profile and torch.cuda.is_available():
+        device_s = {t: profiled[t]["profiled_device_s_per_step"] for t in types}
+        result["profiled_device_s_per_step"] = device_s
+        result["device_time_ratio_mlp2x_gelu_vs_detached"] = device_s["mlp2x_gelu"] / device_s["detached_mlp_multilayer"]
     if "mlp_multilayer" in throughput:
         result["throughput_ratio_detached_vs_naive"] = throughput["detached_mlp_multilayer"] / throughput["mlp_multilayer"]
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"device: {device}; batch {args.batch}; {args.long - args.short} timed steps per type")
+        json.dump(result, f, indent=1)
+    print(f"device: {device}; batch {args.batch}; {args.repeats} runs per type, median of steps "
+          f"{args.warmup + 1}..{args.steps} in each")
     print("| projector | s/step | samples/s |\n|---|---|---|")
     for t in types:
         print(f"| {t} | {per_step[t]:.4f} | {throughput[t]:.1f} |")
-    print(f"throughput detached / mlp2x_gelu = {result['throughput_ratio_detached_vs_mlp2x_gelu']:.3f} (target >= 0.97)")
+    print(f"throughput detached / mlp2x_gelu = {result['throughput_ratio_detached_vs_mlp2x_gelu']:.3f} (target >= 0.97); "
+          f"per repeat: {', '.join(f'{r:.3f}' for r in per_repeat)}")
+    if "device_time_ratio_mlp2x_gelu_vs_detached" in result:
+        print(f"kernel time per step (profiled run): " + ", ".join(
+            f"{t} {s * 1000:.1f} ms" for t, s in result["profiled_device_s_per_step"].items()) +
+            f"; mlp2x_gelu / detached = {result['device_time_ratio_mlp2x_gelu_vs_detached']:.3f}")
     if "throughput_ratio_detached_vs_naive" in result:
         print(f"throughput detached / naive      = {result['throughput_ratio_detached_vs_naive']:.3f}")
 
