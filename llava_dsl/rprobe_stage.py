@@ -39,8 +39,8 @@ from .rprobe import (
     unpatchify, weight_differences,
 )
 from .safety import (
-    atomic_file, atomic_torch_save, atomic_write_text, latest_complete_checkpoint, move_aside,
-    read_completion_marker, set_aside_incomplete, write_completion_marker,
+    atomic_file, atomic_torch_save, atomic_write_text, init_deepspeed_distributed, latest_complete_checkpoint,
+    move_aside, read_completion_marker, set_aside_incomplete, write_completion_marker,
 )
 
 LLAVA_TOUCHES = (
@@ -1131,9 +1131,7 @@ def _datasets(args, cfg: ProbeConfig, ckpt: LoadedCheckpoint, need_train: bool =
 def _setup(args) -> Tuple[Optional[Dict], Optional[str], torch.dtype]:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed()
+        init_deepspeed_distributed(torch.cuda.is_available())
         return args.deepspeed, None, dtype
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("several processes without --deepspeed: the plain loop runs on one process; "

@@ -806,6 +806,38 @@ def cpu_safe_deepspeed_argv(argv: List[str], cuda: bool) -> List[str]:
     return argv
 
 
+CPU_ALLREDUCE_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def init_deepspeed_distributed(cuda: bool, timeout_s: Optional[float] = None) -> Optional[str]:
+    """``deepspeed.init_distributed()``; on CPU, then take the name of this rank's shared all-reduce buffer away.
+
+    DeepSpeed's CPU backend gives every rank a 66 MB buffer in /dev/shm (named as ``CPU_ALLREDUCE_BUFFER`` from the
+    environment at init) and never unlinks it, so each CPU run leaves its buffers behind until the tmpfs is full.
+    Once every rank has returned from init, every rank has mapped every other rank's buffer: after a barrier the
+    names are no longer needed, and the memory goes back when the last process exits, even a killed one.
+    Returns the path it unlinked, if any.
+    """
+    import datetime
+
+    import deepspeed
+    import torch.distributed as dist
+
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(**kwargs)
+    if cuda:
+        return None
+    path = CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                       port=os.environ.get("MASTER_PORT", ""), rank=dist.get_rank())
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # an accelerator without the shared-memory all-reduce (e.g. oneCCL)
+        return None
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # Registration.
 # --------------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def trained(tmp_path_factory):
         # projector frozen at learning rate 0 in the LoRA run: what it saves must be exactly what stage 2 loaded
         MM_PROJECTOR_LR=0,
     )
-    runs = {"assets": assets, "tower": tower, "root": root}
+    runs = {"assets": assets, "tower": tower, "root": root, "ports": []}
     for precision, bf16 in (("fp32", "False"), ("bf16", "True")):
         out = root / precision
         out.mkdir()
@@ -165,6 +165,7 @@ def trained(tmp_path_factory):
             env.update(GRADIENT_CHECKPOINTING="True", PER_DEVICE_TRAIN_BATCH_SIZE="2")
         for script in STAGES:
             run_env, extra = {**env, "MASTER_PORT": str(free_port())}, ()
+            runs["ports"].append(run_env["MASTER_PORT"])
             if script == "finetune.sh":
                 run_env.update(TRAIN_MODULE="record_logits", PYTHONPATH=os.pathsep.join([str(root), str(REPO)]),
                                PROBE_IMAGE=str(probe_image), PROBE_LOGITS=str(out / "rank0_logits.pt"))
@@ -183,6 +184,16 @@ def trained(tmp_path_factory):
     runs["fp32"]["one_process"] = single
     runs["probe_image"] = probe_image
     return runs
+
+
+def test_cpu_runs_leave_no_shared_memory_behind(trained):
+    # DeepSpeed's CPU backend maps a 66 MB /dev/shm buffer per rank and never unlinks it; the entry point removes
+    # the names once every rank has mapped them (safety.init_deepspeed_distributed)
+    from llava_dsl.safety import CPU_ALLREDUCE_BUFFER
+
+    names = [CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr="127.0.0.1", port=port, rank=rank)
+             for port in trained["ports"] for rank in (0, 1)]
+    assert len(names) == 12 and [name for name in names if os.path.exists(name)] == []
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
