@@ -90,8 +90,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     from llava_dsl.safety import cpu_safe_deepspeed_argv, init_deepspeed_distributed
 
     argv = cpu_safe_deepspeed_argv(argv, torch.cuda.is_available())
-    if _flag_value(argv, "deepspeed", ""):  # before train() does it, so CPU runs leave no shared memory behind
-        init_deepspeed_distributed(torch.cuda.is_available(), float(_flag_value(argv, "ddp_timeout", "1800")))
+    if _flag_value(argv, "deepspeed", "") and not torch.cuda.is_available():
+        # before train() does it, so that CPU runs leave no shared memory behind; on CUDA the Trainer's own init stays
+        init_deepspeed_distributed(cuda=False, timeout_s=float(_flag_value(argv, "ddp_timeout", "1800")))
     llava_dsl.register()
     # LLaVA builds the projector before the Trainer seeds; seed first so a run is reproducible from its flags.
     transformers.set_seed(int(_flag_value(argv, "seed", "42")))
