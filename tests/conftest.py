@@ -1,5 +1,7 @@
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -37,12 +39,39 @@ def runs(tiny_assets, tmp_path_factory):
     return {"pre": pre, "ft": ft, "out": out}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(env=None) -> dict:
+    """The environment of a test's child process: this repo importable, one thread (tiny models: faster), plus
+    ``env``, where a value of None removes that variable."""
+    merged = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def run_in_process_group(command, env=None, timeout=600):
+    """Run ``command`` (e.g. the deepspeed launcher) in its own process group, so that a hung rank is killed with it
+    on timeout; return (exit status, stdout and stderr together)."""
+    command = [str(part) for part in command]
+    process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(env), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"{' '.join(command)} ran over {timeout} s:\n{output[-4000:]}") from None
+    return process.returncode, output
+
+
 def run_module(module, args, env=None, check=True, launcher=None, timeout=600):
     """Run ``python -m module args`` (or a launcher command) and return the CompletedProcess."""
     command = (launcher or [sys.executable, "-m"]) + [module] + [str(a) for a in args]
-    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}  # tiny models: 1 thread is faster
-    result = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(env), timeout=timeout, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

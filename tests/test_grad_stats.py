@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEEPSPEED, ROOT, llava_flags, run_module
+from conftest import DEEPSPEED, ROOT, free_port, llava_flags, run_module
 
 from llava_dsl.grad_stats import (WindowAccumulator, attach_grad_stats, cosine, GradientSplitter, group_bounds,
                                   gradient_snr, is_measured_step, split_into_main_and_skip, trace_covariance)
@@ -271,14 +271,6 @@ def stats_runs(tiny_assets, tmp_path_factory):
         "llava-zero3", "detached_mlp_multilayer", gradient_accumulation_steps=1, deepspeed=zero3_config, **det),
         env=ONE_THREAD, launcher=[DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module"])
     return {name: str(out / f"llava-{name}") for name in ("detached", "plain", "naive", "zero3")}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_in_process(args):

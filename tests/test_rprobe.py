@@ -5,14 +5,13 @@ report, errors, and the auxiliary-loss trainer.
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DEEPSPEED, ROOT, run_module
+from conftest import DEEPSPEED, ROOT, free_port, run_in_process_group, run_module
 from llava_dsl import rprobe
 from llava_dsl.rprobe import (
     ProbeGeometry, ProbeMismatchError, RProbe, attention_bias, batch_indices, build_conditional_sequence,
@@ -364,31 +363,6 @@ def test_clear_errors_for_checkpoints_and_images(runs, tiny_assets, ft, probe_da
 # --------------------------------------------------------------------------------------------------
 # ZeRO-3 under the deepspeed launcher.
 # --------------------------------------------------------------------------------------------------
-def _run_launcher(command, timeout):
-    """Run the deepspeed launcher in its own process group, so a hung rank is killed with it on timeout."""
-    import signal
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(command)} ran over {timeout} s:\n{output[-4000:]}") from None
-    assert proc.returncode == 0, f"{' '.join(command)} failed ({proc.returncode}):\n{output[-6000:]}"
-    return output
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_zero3_two_ranks_copy_gathered_llm_layers_and_train(runs, probe_data, ft, tmp_path):
     out = tmp_path / "zero3"
     flags = ["train", "--deepspeed", os.path.join(ROOT, "scripts", "zero3", "zero3.json"),
@@ -397,8 +371,9 @@ def test_zero3_two_ranks_copy_gathered_llm_layers_and_train(runs, probe_data, ft
              probe_data["heldout_images"], "--steps", "2", "--eval-every", "2", "--batch-size", "2",
              "--learning-rate", "1e-3", "--warmup-steps", "0", "--seed", "5", "--cache-images", "--dump-init",
              "--output-dir", str(out)]
-    _run_launcher([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
-                   "llava_dsl.rprobe_stage"] + flags, timeout=400)
+    code, output = run_in_process_group([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "--module",
+                                         "llava_dsl.rprobe_stage"] + flags, timeout=400)
+    assert code == 0, output[-6000:]
     report = json.load(open(out / "report.json"))
     assert report["config"]["world_size"] == 2
     entry = report["checkpoints"][0]

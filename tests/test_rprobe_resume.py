@@ -10,13 +10,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 
 import pytest
 import torch
 
-from conftest import DEEPSPEED, ROOT, run_module
-from test_rprobe import _free_port, probe_data  # noqa: F401  (probe_data is a fixture used below)
+from conftest import DEEPSPEED, ROOT, free_port, run_in_process_group, run_module
+from test_rprobe import probe_data  # noqa: F401  (probe_data is a fixture used below)
 from llava_dsl.rprobe_stage import KILL_AFTER_STEPS_ENV, PROBE_FILE, run
 from llava_dsl.safety import COMPLETION_MARKER, INCOMPLETE_DIR
 
@@ -41,21 +40,12 @@ def _probe(args, kill_after=None):
 
 def _launch(args, kill_after=None, timeout=400):
     """The deepspeed launcher, 2 ranks, in its own process group (a hung rank dies with it on timeout)."""
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
-               "llava_dsl.rprobe_stage"] + [str(a) for a in args]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", **({KILL_AFTER_STEPS_ENV: str(kill_after)} if kill_after else {})}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(command)} ran over {timeout} s:\n{output[-4000:]}") from None
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "--module", "llava_dsl.rprobe_stage", *args]
+    code, output = run_in_process_group(command, env={KILL_AFTER_STEPS_ENV: str(kill_after) if kill_after else None},
+                                        timeout=timeout)
     if kill_after is None:
-        assert proc.returncode == 0, f"{' '.join(command)} failed ({proc.returncode}):\n{output[-6000:]}"
-    return proc.returncode, output
+        assert code == 0, f"{' '.join(map(str, command))} failed ({code}):\n{output[-6000:]}"
+    return code, output
 
 
 def _read_json(path):

@@ -17,15 +17,13 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import DEEPSPEED, llava_flags
+from conftest import DEEPSPEED, free_port, llava_flags, run_in_process_group
 
 KILL_ENV = "SAFETY_TEST_KILL"
 THIS_FILE = os.path.abspath(__file__)
@@ -93,33 +91,13 @@ def _train(argv):
 # --------------------------------------------------------------------------------------------------
 # Helpers.
 # --------------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(flags, zero3=False, kill=None, timeout=900):
     """Run one training (2 ZeRO-3 ranks under the deepspeed launcher, or one process) in its own process group;
     return (exit status, stdout and stderr)."""
     command = [sys.executable, THIS_FILE] + flags
     if zero3:
-        command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), THIS_FILE] + flags + [
-            "--deepspeed", ZERO3]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    env.pop(KILL_ENV, None)
-    if kill:
-        env[KILL_ENV] = kill
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        raise AssertionError(f"{' '.join(command)} ran over {timeout} s:\n{output[-4000:]}")
-    return process.returncode, output
+        command = [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), THIS_FILE] + flags + ["--deepspeed", ZERO3]
+    return run_in_process_group(command, env={KILL_ENV: kill}, timeout=timeout)
 
 
 def _ok(result):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Dict
 import pytest
 import torch
 
+from conftest import free_port
 from test_zero3_scripts import SCRIPTS, STAGES, script_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +43,6 @@ def _sampler_with_multiprocess_order(self):
 llava_trainer.LLaVATrainer._get_train_sampler = _sampler_with_multiprocess_order
 train.main()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def checked_run(script: str, env: Dict[str, str], log: Path, *extra: str) -> None:
