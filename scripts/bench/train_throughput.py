@@ -140,6 +140,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps={args.steps} must exceed --warmup={args.warmup}: no step would be timed")
+    if args.profile:
+        start, _, count = args.profile.partition(",")
+        if not (start.isdigit() and count.isdigit() and int(count) > 0 and int(start) + int(count) <= args.steps):
+            raise SystemExit(f"--profile={args.profile}: expected START,COUNT with COUNT > 0 and START + COUNT <= "
+                             f"--steps={args.steps} (optimizer steps START..START+COUNT-1 are profiled)")
 
     import torch
 
@@ -162,17 +167,16 @@ def main(argv=None) -> None:
             runs[projector].append({"median_step_s": median, "median_between_s": between, **timed})
             print(f"repeat {repeat} {projector}: {median * 1000:.1f} ms/step (+{between * 1000:.1f} ms between "
                   f"steps), memory {timed['memory']}", flush=True)
-    profiles, profiled = {}, {}
+    profiled = {}
     if args.profile:
         for projector in types:
             timer_out = os.path.join(work, f"steps-{projector}-profiled.json")
             runner(assets, projector, args.steps, os.path.join(work, f"llava-{projector}"), args, timer_out,
                    profile=args.profile)
-            timed = json.load(open(timer_out))
-            profiled[projector] = {k: v for k, v in timed.items() if k.startswith("profiled_")}
             profile_file = os.path.splitext(args.out)[0] + f".{projector}.profile.txt"
             shutil.copy(os.path.splitext(timer_out)[0] + ".profile.txt", profile_file)
-            profiles[projector] = profile_file
+            timed = json.load(open(timer_out))
+            profiled[projector] = {"table": profile_file, **{k: v for k, v in timed.items() if k.startswith("profiled_")}}
             print(f"profile of {projector}: {profile_file}", flush=True)
 
     per_step = {t: statistics.median(r["median_step_s"] for r in runs[t]) for t in types}
@@ -184,8 +188,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__, "args": vars(args),
         "runs": runs, "seconds_per_step": per_step, "samples_per_second": throughput,
         "throughput_ratio_detached_vs_mlp2x_gelu": throughput["detached_mlp_multilayer"] / throughput["mlp2x_gelu"],
-        "throughput_ratio_per_repeat": per_repeat, "profiles": profiles,
-        "profiled_runs": profiled,
+        "throughput_ratio_per_repeat": per_repeat, "profiled_runs": profiled,
     }
     if args.profile and torch.cuda.is_available():
         device_s = {t: profiled[t]["profiled_device_s_per_step"] for t in types}
@@ -203,7 +206,7 @@ def main(argv=None) -> None:
     print(f"throughput detached / mlp2x_gelu = {result['throughput_ratio_detached_vs_mlp2x_gelu']:.3f} (target >= 0.97); "
           f"per repeat: {', '.join(f'{r:.3f}' for r in per_repeat)}")
     if "device_time_ratio_mlp2x_gelu_vs_detached" in result:
-        print(f"kernel time per step (profiled run): " + ", ".join(
+        print("kernel time per step (profiled run): " + ", ".join(
             f"{t} {s * 1000:.1f} ms" for t, s in result["profiled_device_s_per_step"].items()) +
             f"; mlp2x_gelu / detached = {result['device_time_ratio_mlp2x_gelu_vs_detached']:.3f}")
     if "throughput_ratio_detached_vs_naive" in result:
