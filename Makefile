@@ -36,10 +36,19 @@ clean:
 
 # Second environment for Hugging Face exports (docs/export_hf.md): stock transformers 4.57.6 on the same CPU torch,
 # kept out of .venv (LLaVA needs transformers 4.37.2). Built once, cached by its stamp; tests/test_export_hf.py uses it.
+# It also carries the 4.57 end of the stock training stack (TRL, PEFT, accelerate, DeepSpeed) for tests/hf, which
+# imports llava_dsl from this checkout through PYTHONPATH: the plugin stays uninstalled there, so the export check
+# proves that an export loads without it.
 VENV_HF ?= .venv-hf
 HF_STAMP := $(VENV_HF)/.llava-dsl-hf-installed
+# The newest stock stack that installs (transformers 5.x): the other end of the range llava_dsl.hf is tested on
+# (docs/hf.md); llava_dsl is installed into it (--no-deps, editable).
+VENV_HF5 ?= .venv-hf5
+HF5_STAMP := $(VENV_HF5)/.llava-dsl-hf5-installed
+DEEPSPEED_BUILD_DEPS := setuptools wheel ninja packaging py-cpuinfo psutil pydantic hjson msgpack numpy
+HF_PYTEST_ARGS ?=
 
-.PHONY: venv-hf clean-hf
+.PHONY: venv-hf venv-hf5 clean-hf test-hf test-hf4 test-hf5
 
 venv-hf: $(HF_STAMP)
 
@@ -48,9 +57,34 @@ $(HF_STAMP): scripts/hf_env/constraints.txt scripts/hf_env/requirements.txt
 	$(VENV_HF)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_HF)/bin/python -m pip install --quiet -c scripts/hf_env/constraints.txt torch==2.13.0
 	$(VENV_HF)/bin/python -m pip install --quiet -c scripts/hf_env/constraints.txt -r scripts/hf_env/requirements.txt
+	$(VENV_HF)/bin/python -m pip install --quiet -c scripts/hf_env/constraints.txt $(DEEPSPEED_BUILD_DEPS)
+	$(VENV_HF)/bin/python -m pip install --quiet -c scripts/hf_env/constraints.txt --no-build-isolation deepspeed
 	touch $(HF_STAMP)
 
-test: $(HF_STAMP)
+venv-hf5: $(HF5_STAMP)
+
+$(HF5_STAMP): scripts/hf_env5/constraints.txt scripts/hf_env5/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV_HF5)
+	echo '*' > $(VENV_HF5)/.gitignore
+	$(VENV_HF5)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt torch==2.13.0
+	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt -r scripts/hf_env5/requirements.txt
+	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt $(DEEPSPEED_BUILD_DEPS)
+	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt --no-build-isolation deepspeed
+	$(VENV_HF5)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(HF5_STAMP)
+
+# tests/hf in both stock stacks (the main pytest run skips the folder: tests/hf/conftest.py). The venv's bin/ goes
+# first on PATH so the tests find its `deepspeed` / `accelerate` launchers.
+test-hf: test-hf4 test-hf5
+
+test-hf4: $(HF_STAMP)
+	PATH="$(abspath $(VENV_HF))/bin:$$PATH" PYTHONPATH="$(CURDIR)" $(VENV_HF)/bin/python -m pytest tests/hf $(HF_PYTEST_ARGS)
+
+test-hf5: $(HF5_STAMP)
+	PATH="$(abspath $(VENV_HF5))/bin:$$PATH" $(VENV_HF5)/bin/python -m pytest tests/hf $(HF_PYTEST_ARGS)
+
+test: $(HF_STAMP) $(HF5_STAMP) test-hf
 
 clean-hf:
-	rm -rf $(VENV_HF)
+	rm -rf $(VENV_HF) $(VENV_HF5)
