@@ -1,0 +1,197 @@
+"""Train a stock Hugging Face VLM with Detached Skip-Links through TRL's SFTTrainer, on LLaVA-format data.
+
+    python -m llava_dsl.hf.sft --model_name_or_path MODEL --data_path data.json --image_folder images/ \\
+        --output_dir out --dsl_detach_depth 2 --vision_tower_lr 2e-6 [--lora_r 16] [SFTConfig / TrainingArguments flags]
+    accelerate launch --config_file scripts/hf/zero3.yaml -m llava_dsl.hf.sft ...
+
+Every SFTConfig flag (learning_rate, max_steps, save_steps, deepspeed, gradient_checkpointing, bf16, ...) works as in
+TRL. ``--resume_from_checkpoint PATH|latest`` resumes through the Trainer's own machinery; the detach is re-applied
+to the rebuilt model first. See docs/hf.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+DPVR_REFUSAL = ("--mm_routing={value!r}: DPVR-LF is not available on the stock Hugging Face path: it reroutes the "
+                "vision tokens inside the language model's layers, which needs a fork of the modeling code. Use the "
+                "LLaVA-1.5 plugin (python -m llava_dsl.train --mm_routing dpvr_lf), or drop the flag")
+
+
+@dataclass
+class DSLArguments:
+    model_name_or_path: str = field(metadata={"help": "a from_pretrained folder (or hub id, where reachable)"})
+    data_path: str = field(metadata={"help": "LLaVA-format json list"})
+    image_folder: str = field(metadata={"help": "folder the records' 'image' paths are relative to"})
+    dsl_detach_layers: Optional[str] = field(default=None, metadata={
+        "help": "hidden-state indices of the taps to detach, e.g. '12,6' (LLaVA indexing: 0 = embeddings)"})
+    dsl_detach_depth: Optional[int] = field(default=None, metadata={"help": "detach the N shallowest taps"})
+    dsl_skip_layers: Optional[str] = field(default=None, metadata={
+        "help": "taps, e.g. '6,12,18' (sets vision_feature_layer = main + taps deep-first; the projector must fit)"})
+    dsl_skip_stride: Optional[int] = field(default=None, metadata={"help": "tap every S-th block below the main layer"})
+    dsl_main_layer: Optional[int] = field(default=None, metadata={"help": "main layer (default: the config's first)"})
+    dsl_off: bool = field(default=False, metadata={"help": "naive multi-layer fusion (no stop-gradient)"})
+    vision_tower_lr: Optional[float] = field(default=None, metadata={"help": "the tower's own learning rate"})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "keep the vision tower frozen"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model (0: full fine-tuning)"})
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base weights (CUDA only)"})
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    mm_routing: Optional[str] = field(default=None, metadata={"help": "refused: DPVR-LF needs a modeling fork"})
+
+
+def _fail(message: str):
+    print(f"llava_dsl.hf.sft: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_arguments(dsl: DSLArguments, args) -> None:
+    """Flag checks that need no model; each message names the flag, the value and what was expected."""
+    import torch
+
+    if dsl.mm_routing not in (None, "", "none"):
+        _fail(DPVR_REFUSAL.format(value=dsl.mm_routing))
+    if dsl.load_in_4bit and not torch.cuda.is_available():
+        _fail("--load_in_4bit True (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit weights; this machine has none")
+    if dsl.load_in_4bit and dsl.lora_r <= 0:
+        _fail(f"--load_in_4bit True with --lora_r {dsl.lora_r}: QLoRA trains LoRA adapters, expected --lora_r > 0")
+    if dsl.lora_r < 0:
+        _fail(f"--lora_r {dsl.lora_r}: expected 0 (no LoRA) or a positive rank")
+    if dsl.vision_tower_lr is not None and dsl.freeze_vision_tower:
+        _fail(f"--vision_tower_lr {dsl.vision_tower_lr} with --freeze_vision_tower True: a frozen tower has no "
+              f"learning rate")
+    if dsl.vision_tower_lr is not None and dsl.vision_tower_lr < 0:
+        _fail(f"--vision_tower_lr {dsl.vision_tower_lr}: expected a non-negative learning rate")
+    if dsl.dsl_off and any(v is not None for v in (dsl.dsl_detach_layers, dsl.dsl_detach_depth)):
+        _fail("--dsl_off True with --dsl_detach_layers/--dsl_detach_depth: naive fusion detaches nothing; give one")
+    if dsl.dsl_skip_layers is not None and dsl.dsl_skip_stride is not None:
+        _fail(f"--dsl_skip_layers={dsl.dsl_skip_layers!r} and --dsl_skip_stride={dsl.dsl_skip_stride}: use one")
+    if not os.path.exists(dsl.model_name_or_path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        _fail(f"--model_name_or_path={dsl.model_name_or_path!r}: no such folder (and the hub is offline)")
+
+
+def _layers(value, flag):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in str(value).strip("[]() ").split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{flag}={value!r}: expected a comma-separated list of integer layers such as '12,6'")
+
+
+def resolve_checkpoint(value, output_dir):
+    """``latest`` (or ``auto``) -> the newest checkpoint-N in output_dir, or None when there is none yet."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value in (None, "", "False", "false"):
+        return None
+    if value in ("latest", "auto", "True", "true"):
+        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if not os.path.isdir(value):
+        _fail(f"--resume_from_checkpoint={value!r}: no such checkpoint folder (or pass 'latest')")
+    return value
+
+
+def build_model(dsl: DSLArguments, args):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from .core import DSLError, apply_detached_skip_links, remove_detached_skip_links, vision_tower
+
+    kwargs = {}
+    if dsl.attn_implementation:
+        kwargs["attn_implementation"] = dsl.attn_implementation
+    if dsl.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(dsl.model_name_or_path, **kwargs)
+    tower_name = "visual" if hasattr(model.model, "visual") else "vision_tower"
+    if dsl.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        from .core import lora_target_modules
+
+        if dsl.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        save = ["multi_modal_projector"] if tower_name == "vision_tower" else []
+        if not dsl.freeze_vision_tower:
+            save.append(tower_name)
+        config = LoraConfig(r=dsl.lora_r, lora_alpha=dsl.lora_alpha, lora_dropout=dsl.lora_dropout,
+                            target_modules=lora_target_modules(model), modules_to_save=save or None,
+                            task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    else:
+        vision_tower(model).requires_grad_(not dsl.freeze_vision_tower)
+    try:
+        if dsl.dsl_off:
+            remove_detached_skip_links(model)
+        else:
+            apply_detached_skip_links(model, _layers(dsl.dsl_detach_layers, "--dsl_detach_layers"),
+                                      skip_layers=_layers(dsl.dsl_skip_layers, "--dsl_skip_layers"),
+                                      skip_stride=dsl.dsl_skip_stride, detach_depth=dsl.dsl_detach_depth,
+                                      main_layer=dsl.dsl_main_layer)
+    except DSLError as e:
+        _fail(f"{e} (model {dsl.model_name_or_path!r})")
+    return model
+
+
+def main(argv=None):
+    from transformers import AutoProcessor, HfArgumentParser
+    from trl import SFTConfig, SFTTrainer
+
+    from .core import CONFIG_KEY, TowerLRMixin, unwrap_model
+    from .data import DataError, LlavaChatCollator, load_llava_json
+
+    parser = HfArgumentParser((DSLArguments, SFTConfig))
+    dsl, args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(dsl, args)
+    try:
+        records = load_llava_json(dsl.data_path, dsl.image_folder)
+    except DataError as e:
+        _fail(str(e))
+    resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    args.resume_from_checkpoint = None
+    args.remove_unused_columns = False
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    if args.report_to in (None, "all", ["all"]):
+        args.report_to = []
+
+    model = build_model(dsl, args)
+    chosen = getattr(unwrap_model(model).config, CONFIG_KEY, None)
+    if resume is not None:
+        saved = os.path.join(resume, "config.json")
+        if os.path.isfile(saved):
+            with open(saved, encoding="utf-8") as f:
+                before = json.load(f).get(CONFIG_KEY)
+            if before != chosen:
+                _fail(f"--resume_from_checkpoint={resume!r} was trained with {CONFIG_KEY}={before}, but these flags "
+                      f"give {chosen}; resume with the same --dsl_* flags")
+
+    from datasets import Dataset
+
+    processor = AutoProcessor.from_pretrained(dsl.model_name_or_path)
+    dataset = Dataset.from_list(records)
+
+    class DSLSFTTrainer(TowerLRMixin, SFTTrainer):
+        pass
+
+    trainer = DSLSFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=LlavaChatCollator(processor),
+                            processing_class=processor, vision_tower_lr=dsl.vision_tower_lr)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(args.output_dir)
+        print(f"llava_dsl.hf.sft: saved to {args.output_dir} ({CONFIG_KEY}={chosen})")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
