@@ -1,0 +1,210 @@
+"""Training through the ecosystem's own loops: one Trainer SGD step, the TRL entry point, resume after a kill,
+DDP with a main layer below the last block, 2-rank ZeRO-3 against one process (CPU, gloo)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+
+from hf_helpers import ROOT, child_env, free_port, grads, run
+from llava_dsl.hf import TowerLRMixin, apply_detached_skip_links, remove_detached_skip_links
+from llava_dsl.hf.tiny import llava_inputs, save_tiny_llava, tiny_llava
+from test_core import backward
+
+TOWER_LR, LR = 0.5, 0.01
+
+
+def test_one_trainer_sgd_step_updates_the_shallow_block_by_minus_lr_g_main(tmp_path):
+    model = tiny_llava()
+    inputs = llava_inputs(model)
+    # the Trainer divides the summed loss by the count of unshifted labels; with the first label masked that count
+    # equals the model's own (shifted) one, so the model's mean loss and the Trainer's loss are the same
+    inputs["labels"][:, 0] = -100
+    apply_detached_skip_links(model, detach_layers=[3, 1])
+    model.train()
+    prefix = "model.vision_tower."
+    g_dsl = backward(model, inputs, prefix)
+    remove_detached_skip_links(model)
+    g_main = backward(model, inputs, prefix, reference=[3, 1])  # consumption-side reference
+    g_naive = backward(model, inputs, prefix)
+    apply_detached_skip_links(model, detach_layers=[3, 1])
+    model.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(inputs["input_ids"].shape[0])]
+
+    class T(TowerLRMixin, Trainer):
+        pass
+
+    args = TrainingArguments(output_dir=str(tmp_path), optim="sgd", learning_rate=LR, max_steps=1,
+                             per_device_train_batch_size=len(rows), lr_scheduler_type="constant", weight_decay=0.0,
+                             max_grad_norm=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_steps=100,
+                             remove_unused_columns=False, dataloader_drop_last=False)
+    trainer = T(model=model, args=args, train_dataset=rows, vision_tower_lr=TOWER_LR,
+                data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
+    trainer.train()
+    shallow = [n for n in g_main if "layers.0." in n]
+    assert shallow
+    for n in shallow:
+        update = model.state_dict()[n] - before[n]
+        # atol: the float32 rounding of (w - lr g) - w for weights of order 1
+        torch.testing.assert_close(update, -TOWER_LR * g_main[n], rtol=1e-5, atol=2e-7)
+    # and not the naive update: the skip part is far above that rounding on the shallow block
+    off = max((model.state_dict()[n] - before[n] + TOWER_LR * g_naive[n]).abs().max().item() for n in shallow)
+    assert off > 100 * 2e-7, off
+    for n in shallow:
+        torch.testing.assert_close(g_dsl[n], g_main[n], rtol=0, atol=0)
+    lm = "model.language_model.layers.0.mlp.down_proj.weight"
+    lm = lm if lm in before else [n for n in before if "language_model" in n and n.endswith("down_proj.weight")][0]
+    assert not torch.equal(model.state_dict()[lm], before[lm])  # the rest moved with its own LR
+
+
+# --------------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hfdata")
+    os.makedirs(out / "images")
+    save_tiny_llava(str(out / "model"))
+    save_tiny_llava(str(out / "model_low"), vision_feature_layer=[3, 2, 1])  # main layer below the last block
+    records = []
+    for i in range(8):
+        Image.new("RGB", (40, 36), (30 * i, 100, 200 - 20 * i)).save(out / "images" / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is the color ?"}, {"from": "gpt", "value": f"red {i}"},
+            {"from": "human", "value": "is it blue ?"}, {"from": "gpt", "value": "no"}]})
+    with open(out / "data.json", "w") as f:
+        json.dump(records, f)
+    return out
+
+
+def sft_args(data, output_dir, model="model", steps=4, **extra):
+    args = {"model_name_or_path": data / model, "data_path": data / "data.json", "image_folder": data / "images",
+            "output_dir": output_dir, "max_steps": steps, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+            "vision_tower_lr": 1e-4, "dsl_detach_depth": 1, "logging_steps": 1, "save_strategy": "no",
+            "use_cpu": True, "seed": 0, "report_to": "none", "lr_scheduler_type": "constant",
+            "dataloader_num_workers": 0, **extra}
+    out = []
+    for k, v in args.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def weights(folder):
+    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+def test_entry_point_trains_saves_the_choice_and_reloads_with_the_guard(data, tmp_path):
+    out = tmp_path / "run"
+    _, log = run([sys.executable, "-m", "llava_dsl.hf.sft"] + sft_args(data, out, steps=3))
+    assert "dsl_detach_layers=[1]" in log and "post_layernorm" in log
+    with open(out / "config.json") as f:
+        assert json.load(f)["dsl_detach_layers"] == [1]
+    w0, w1 = weights(data / "model"), weights(out)
+    tower = [k for k in w0 if "vision_tower" in k and "layers.0." in k]
+    assert tower and any(not torch.equal(w0[k], w1[k]) for k in tower)  # the tower trained
+    post = [k for k in w0 if "post_layernorm" in k]
+    assert post and all(torch.equal(w0[k], w1[k]) for k in post)  # frozen: no loss reaches it
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mm_routing", "dpvr_lf"], "DPVR-LF is not available on the stock Hugging Face path"),
+    (["--load_in_4bit", "True", "--lora_r", "4"], "needs a CUDA GPU"),
+    (["--dsl_detach_layers", "2"], "detach_layers=[2]: layer 2 is not a tapped layer"),
+    (["--vision_tower_lr", "1e-4", "--freeze_vision_tower", "True"], "a frozen tower has no learning rate"),
+])
+def test_entry_point_refuses_bad_flags(data, tmp_path, flags, message):
+    rc, log = run([sys.executable, "-m", "llava_dsl.hf.sft"] + sft_args(data, tmp_path / "x") + flags, check=False)
+    assert rc != 0 and message in log, log[-2000:]
+
+
+def test_entry_point_names_bad_data(data, tmp_path):
+    bad = tmp_path / "bad.json"
+    records = json.load(open(data / "data.json"))
+    records[3]["image"] = "missing.png"
+    bad.write_text(json.dumps(records))
+    args = sft_args(data, tmp_path / "x")
+    args[args.index("--data_path") + 1] = str(bad)
+    rc, log = run([sys.executable, "-m", "llava_dsl.hf.sft"] + args, check=False)
+    assert rc != 0 and "record 3 (id 's3')" in log and "missing.png" in log and str(bad) in log, log[-2000:]
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(data, tmp_path):
+    steps, every = 24, 4
+    full = tmp_path / "full"
+    run([sys.executable, "-m", "llava_dsl.hf.sft"] + _no_depth(sft_args(
+        data, full, steps=steps, save_strategy="steps", save_steps=every)))
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "llava_dsl.hf.sft"] + _no_depth(sft_args(
+        data, killed, steps=steps, save_strategy="steps", save_steps=every))
+    p = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if (killed / f"checkpoint-{every}" / "trainer_state.json").exists():
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
+    assert not (killed / "config.json").exists()
+    _, log = run(command + ["--resume_from_checkpoint", "latest"])
+    assert "dsl_detach_layers=[1]" in log
+    a, b = weights(full), weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    w0 = weights(data / "model")
+    assert any(not torch.equal(w0[k], a[k]) for k in a if "layers.0." in k and "vision_tower" in k)
+
+
+def _no_depth(args):
+    """Leave the detach choice to the config default (taps in the first half: [1])."""
+    i = args.index("--dsl_detach_depth")
+    return args[:i] + args[i + 2:]
+
+
+def test_ddp_two_ranks_with_unused_tower_blocks(data, tmp_path):
+    """Main layer 3 of a 4-block tower: block 4 and post_layernorm get no gradient. Without the freeze DDP fails
+    ("Expected to have finished reduction"); with it, two gloo ranks train."""
+    out = tmp_path / "ddp"
+    _, log = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                  free_port(), "-m", "llava_dsl.hf.sft"] + sft_args(
+        data, out, model="model_low", steps=2, ddp_find_unused_parameters="False", ddp_backend="gloo",
+        gradient_checkpointing="True"), timeout=400)
+    assert "encoder.layers.3" in log
+    with open(out / "config.json") as f:
+        assert json.load(f)["dsl_detach_layers"] == [1]
+
+
+def test_zero3_two_ranks_equal_one_process(data, tmp_path):
+    ds = os.path.join(ROOT, "scripts", "hf", "zero3.json")
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(steps=2, deepspeed=ds, gradient_accumulation_steps=1)
+    run(["deepspeed", "--num_gpus", "1", "--master_port", free_port(), "--module", "llava_dsl.hf.sft"]
+        + _bs(sft_args(data, one, **common), 4), timeout=400)
+    run(["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "llava_dsl.hf.sft"]
+        + _bs(sft_args(data, two, **common), 2), timeout=400)
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys()
+    w0 = weights(data / "model")
+    moved = [k for k in a if "vision_tower" in k and "layers.0." in k and not torch.equal(w0[k], a[k])]
+    assert moved
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _bs(args, n):
+    i = args.index("--per_device_train_batch_size")
+    return args[:i + 1] + [str(n)] + args[i + 2:]
