@@ -96,7 +96,7 @@ def resolve_checkpoint(value, output_dir):
     return value
 
 
-def build_model(dsl: DSLArguments, args):
+def build_model(dsl: DSLArguments, args, weights_from=None):
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -110,7 +110,7 @@ def build_model(dsl: DSLArguments, args):
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForImageTextToText.from_pretrained(dsl.model_name_or_path, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(weights_from or dsl.model_name_or_path, **kwargs)
     tower_name = "visual" if hasattr(model.model, "visual") else "vision_tower"
     if dsl.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -164,7 +164,12 @@ def main(argv=None):
     if args.report_to in (None, "all", ["all"]):
         args.report_to = []
 
-    model = build_model(dsl, args)
+    # Resuming a full fine-tune: the weights come from the checkpoint through from_pretrained, which maps the saved
+    # key names back. transformers 4.57's Trainer loads a Llava checkpoint with load_state_dict(strict=False) and the
+    # legacy names it was saved under (language_model.model.*), so on its own it loads nothing and only warns.
+    # The Trainer still restores optimizer, scheduler, RNG and step; with LoRA it loads the adapter itself.
+    full_checkpoint = resume is not None and dsl.lora_r == 0 and os.path.isfile(os.path.join(resume, "config.json"))
+    model = build_model(dsl, args, weights_from=resume if full_checkpoint else None)
     chosen = getattr(unwrap_model(model).config, CONFIG_KEY, None)
     if resume is not None:
         saved = os.path.join(resume, "config.json")
