@@ -35,7 +35,7 @@ clean:
 	rm -rf $(VENV)
 
 # Second environment for Hugging Face exports (docs/export_hf.md): stock transformers 4.57.6 on the same CPU torch,
-# kept out of .venv (LLaVA needs transformers 4.37.2). Built once, cached by its stamp; tests/test_export_hf.py uses it.
+# kept out of .venv (LLaVA needs transformers 4.37.2). Built once, cached by its stamp; tests/export/test_export_hf.py uses it.
 # It also carries the 4.57 end of the stock training stack (TRL, PEFT, accelerate, DeepSpeed) for tests/hf, which
 # imports llava_dsl from this checkout through PYTHONPATH: the plugin stays uninstalled there, so the export check
 # proves that an export loads without it.

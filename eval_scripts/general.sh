@@ -8,7 +8,7 @@
 # LLaVA's eval.zip plus each benchmark's images; see LLaVA's docs/Evaluation.md).
 # Environment:
 #   ANSWER_MODULE  default "llava_dsl.run llava.eval.model_vqa_loader": LLaVA's loader (CUDA and fp16 only,
-#                  needs LLaVA's `shortuuid` dependency). "llava_dsl.answer" takes the same flags and writes the
+#                  needs LLaVA's `shortuuid` dependency). "llava_dsl.evaluate.generate" takes the same flags and writes the
 #                  same answer lines, and also runs without CUDA: set DEVICE=cpu (and DTYPE) with it.
 #   LLAVA_REPO     a checkout of haotian-liu/LLaVA: gqa needs its scripts/convert_gqa_for_eval.py
 #   CUDA_VISIBLE_DEVICES  gqa: one shard per listed GPU, as LLaVA's gqa.sh
@@ -20,7 +20,7 @@ PYTHON=${PYTHON:-python}
 read -ra ANSWER <<< "${ANSWER_MODULE:-llava_dsl.run llava.eval.model_vqa_loader}"
 NAME=$(basename "$CKPT")
 EVAL=./playground/data/eval
-EXTRA=()  # only llava_dsl.answer knows --device / --dtype
+EXTRA=()  # only llava_dsl.evaluate.generate knows --device / --dtype
 [ -n "${DEVICE:-}" ] && EXTRA+=(--device "$DEVICE")
 [ -n "${DTYPE:-}" ] && EXTRA+=(--dtype "$DTYPE")
 

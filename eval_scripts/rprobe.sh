@@ -6,7 +6,7 @@
 #   EVAL_DATA_PATH=heldout.json THRESHOLD=0.75 bash eval_scripts/rprobe.sh A B -- --rprobe_bidirectional True
 #   NUM_GPUS=8 EVAL_DATA_PATH=... bash eval_scripts/rprobe.sh A B    # ZeRO-3 under the deepspeed launcher
 #
-# Flags after "--" go to `python -m llava_dsl.rprobe_stage compare` and win. Output: OUTPUT_DIR/report.json,
+# Flags after "--" go to `python -m llava_dsl.rprobe compare` and win. Output: OUTPUT_DIR/report.json,
 # reconstructions.png, mse_curve.png and one probe per checkpoint. How to read them: docs/rprobe.md.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,9 +64,9 @@ flags=(--checkpoints "${checkpoints[@]}"
 [ -z "$MODEL_BASE" ] || flags+=(--model-base "$MODEL_BASE")
 
 if [ "$NUM_GPUS" = 1 ]; then
-    cmd=("$PYTHON" -m llava_dsl.rprobe_stage compare)
+    cmd=("$PYTHON" -m llava_dsl.rprobe compare)
 else
-    cmd=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" --module llava_dsl.rprobe_stage compare
+    cmd=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" --module llava_dsl.rprobe compare
         --deepspeed "$DEEPSPEED_CONFIG")
 fi
 cmd+=("${flags[@]}" "$@")

@@ -26,8 +26,9 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
-from .fusion import parse_projector_type
-from .layer_spec import LayerSpecError, resolve_layer_spec
+from llava_dsl.config_schema import BY_NAME, REFUSED
+from llava_dsl.skip_links.fusion import parse_projector_type
+from llava_dsl.skip_links.layer_spec import LayerSpecError, absolute_layer, resolve_layer_spec
 
 if TYPE_CHECKING:  # torch and transformers are imported where used: --help and refusals stay fast
     import torch
@@ -94,10 +95,10 @@ def projector_mapping(config: dict, num_blocks: int, source: str = "config.json"
     if config.get("mm_vision_skip_layers"):
         raise ExportError(f"{source}: mm_vision_skip_layers={config['mm_vision_skip_layers']!r} with "
                           f"mm_projector_type={name!r}, which reads one layer")
-    main = select_layer + num_blocks + 1 if select_layer < 0 else select_layer
-    if not 0 <= main <= num_blocks:
-        raise ExportError(f"{source}: mm_vision_select_layer={select_layer} is out of range for a vision tower with "
-                          f"{num_blocks} blocks (hidden-state indices 0..{num_blocks}, or -{num_blocks + 1}..-1)")
+    try:
+        main = absolute_layer(select_layer, num_blocks, "mm_vision_select_layer", select_layer)
+    except LayerSpecError as error:
+        raise ExportError(f"{source}: {error}") from None
     if name == "mlp2x_gelu":
         return ProjectorMapping("mlp2x", main, 1)
     if name == "linear":
@@ -137,6 +138,13 @@ def check_supported(config: dict, source: str = "config.json") -> None:
     feature = config.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
         raise ExportError(f"{source}: mm_vision_select_feature={feature!r}; expected 'patch' or 'cls_patch'")
+    refused = {name: config[name] for name, key in BY_NAME.items()
+               if key.export == REFUSED and config.get(name) not in (None, "none")}
+    if refused:
+        reasons = sorted({BY_NAME[name].reason for name in refused})
+        raise ExportError(f"{source}: {', '.join(f'{k}={v!r}' for k, v in refused.items())}: {'; '.join(reasons)}, "
+                          f"so the exported model would run differently from the checkpoint; this exporter refuses it "
+                          f"(run it with llava_dsl itself: python -m llava_dsl.evaluate or llava_dsl.evaluate.generate)")
 
 
 def select_strategy(config: dict) -> str:
@@ -149,14 +157,15 @@ def image_seq_length(vision_config: dict, strategy: str) -> int:
     return patches + (1 if strategy == "full" else 0)
 
 
-# Keys of a LLaVA config.json that are LLaVA's or this plugin's, not the language model's.
+# Keys of a LLaVA config.json that are LLaVA's, not the language model's (besides its mm_* keys); the plugin's own
+# keys come from its one table, llava_dsl.config_schema.
 _LLAVA_KEYS = {"architectures", "_name_or_path", "transformers_version", "model_type", "freeze_mm_mlp_adapter",
                "tune_mm_mlp_adapter", "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length",
-               "tokenizer_padding_side", "use_mm_proj", "unfreeze_mm_vision_tower"}
+               "tokenizer_padding_side", "use_mm_proj"}
 
 
 def text_config_from(config: dict, vocab_size: int) -> dict:
-    text = {k: v for k, v in config.items() if k not in _LLAVA_KEYS and not k.startswith("mm_")}
+    text = {k: v for k, v in config.items() if k not in _LLAVA_KEYS and k not in BY_NAME and not k.startswith("mm_")}
     text["model_type"] = "llama"
     text["vocab_size"] = vocab_size
     return dict(sorted(text.items()))

@@ -77,7 +77,9 @@ def hardware_problems(argv: List[str], attn_implementation: Optional[str], cuda:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv, attn_implementation = _pop_flag(argv, "attn_implementation")
+    # Read here for LLaVA's train(attn_implementation=...) and left in argv: the plugin's ModelArguments declares it,
+    # so that --help lists it and the parser accepts it.
+    attn_implementation = _pop_flag(list(argv), "attn_implementation")[1]
 
     import torch
 
@@ -85,9 +87,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if problems:  # before any weights load, not a stack trace minutes later
         raise SystemExit("\n".join(f"llava_dsl.train: {problem}" for problem in problems))
 
-    import llava_dsl
     import transformers
-    from llava_dsl.safety import cpu_safe_deepspeed_argv, init_deepspeed_distributed
+
+    import llava_dsl
+    from llava_dsl.compat.distributed import close_process_group
+    from llava_dsl.compat.deepspeed import cpu_safe_deepspeed_argv, init_deepspeed_distributed
 
     argv = cpu_safe_deepspeed_argv(argv, torch.cuda.is_available())
     if _flag_value(argv, "deepspeed", "") and not torch.cuda.is_available():
@@ -98,23 +102,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     transformers.set_seed(int(_flag_value(argv, "seed", "42")))
     import llava.train.train as llava_train
 
-    if float(_flag_value(argv, "rprobe_aux_weight", "0")) != 0.0:
-        from llava_dsl.rprobe_stage import RProbeAuxTrainer
-
-        llava_train.LLaVATrainer = RProbeAuxTrainer  # the plugin's trainer + weight x probe loss
-
     sys.argv = [sys.argv[0]] + argv  # LLaVA's train() parses sys.argv itself
     llava_train.train(attn_implementation=attn_implementation)
-    _close_process_group()
-
-
-def _close_process_group() -> None:
-    """A barrier then an explicit teardown: without it, gloo ranks occasionally crash at interpreter exit."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

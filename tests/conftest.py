@@ -7,17 +7,25 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the launcher installed beside this interpreter (CI does not put the venv on PATH), else the one on PATH
-DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+# Child processes use the tools installed beside the interpreter running the tests (python, deepspeed,
+# shellcheck), whatever the caller's PATH holds: `.venv/bin/python -m pytest` and `make test` run the same.
+INTERPRETER_BIN = os.path.dirname(sys.executable)
+DEEPSPEED = os.path.join(INTERPRETER_BIN, "deepspeed")
 if not os.path.exists(DEEPSPEED) and shutil.which("deepspeed"):
     DEEPSPEED = shutil.which("deepspeed")
+
+
+def interpreter_first_on_path(env: dict) -> dict:
+    """``env`` with this interpreter's bin folder first on PATH."""
+    return {**env, "PATH": INTERPRETER_BIN + os.pathsep + env.get("PATH", os.defpath)}
 
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """Tiny LLaMA LM + 8-block CLIP tower + rendered-text LLaVA datasets, built once per session."""
-    from llava_dsl.tiny_assets import build_all
+    from llava_dsl.assets.tiny_models import build_all
 
     return build_all(str(tmp_path_factory.mktemp("assets")), seed=0, num_samples=16)
 
@@ -48,7 +56,9 @@ def free_port() -> int:
 def subprocess_env(env=None) -> dict:
     """The environment of a test's child process: this repo importable, one thread (tiny models: faster), plus
     ``env``, where a value of None removes that variable."""
-    merged = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    merged = {**interpreter_first_on_path(dict(os.environ)),
+              # the repo, and this folder: test files run as scripts import conftest
+              "PYTHONPATH": os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     return {key: value for key, value in merged.items() if value is not None}
 

@@ -2,7 +2,7 @@
 
     python playground/data/make_ocr_demo.py [--out DIR] [--seed N] [--image-size PX] [--num-pretrain N] ...
 
-The same as ``python -m llava_dsl.ocr_data``; the generator lives in llava_dsl/ocr_data.py.
+The same as ``python -m llava_dsl.assets.ocr_data``; the generator lives in llava_dsl/assets/ocr_data.py.
 """
 import os
 import sys
@@ -10,7 +10,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root: works without installing
 
-from llava_dsl.ocr_data import main  # noqa: E402
+from llava_dsl.assets.ocr_data import main  # noqa: E402
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]

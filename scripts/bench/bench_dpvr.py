@@ -40,11 +40,12 @@ from typing import Callable, Dict, List
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch   # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM   # noqa: E402
 
-from llava_dsl.dpvr import (LLAVA_15_7B, LlamaShape, VisionSideBranch, kv_cache_elements, prefill_flops,  # noqa: E402
-                            resolve_routing, routed_forward, side_branch_parameters)
+from llava_dsl.dpvr.cost import LLAVA_15_7B, LlamaShape, kv_cache_elements, prefill_flops, side_branch_parameters  # noqa: E402
+from llava_dsl.dpvr.decoder import VisionSideBranch, routed_forward  # noqa: E402
+from llava_dsl.dpvr.spec import resolve_routing  # noqa: E402
 
 TEXT_BEFORE = 35  # vicuna_v1 system prompt + "USER: " with the LLaMA tokenizer, BOS included
 IMAGE_TOKENS = 576  # CLIP-L/336, patch 14

@@ -6,7 +6,7 @@ Same inputs, same random CLIP-L-shaped tower (24 blocks, 1024 wide, 336 px / pat
   forward, frozen tower (inference / stage 1):
     (a) llava_single_layer : LLaVA's own ``CLIPVisionTower.forward`` with mm_vision_select_layer=-2;
                              runs all 24 blocks and keeps all 25 hidden states.
-    (b) plugin_multilayer  : ``llava_dsl.integration.MultiLayerCLIPVisionTower`` with
+    (b) plugin_multilayer  : ``llava_dsl.skip_links.llava_patches.MultiLayerCLIPVisionTower`` with
                              detached_mlp_multilayer (main 23, taps 18, 12, 6); runs 23 blocks, keeps 4 states.
   joint train step (tower unfrozen; zero_grad + forward + backward + AdamW over tower and projector):
     mlp2x_gelu / mlp_multilayer / detached_mlp_multilayer, projectors from the plugin's builder
@@ -82,7 +82,8 @@ def tower_args(projector_type: str) -> SimpleNamespace:
 
 def build_forward(variant: str, tower_dir: str, device, dtype) -> torch.nn.Module:
     from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower  # LLaVA's class, unpatched
-    from llava_dsl.integration import MultiLayerCLIPVisionTower
+
+    from llava_dsl.skip_links.llava_patches import MultiLayerCLIPVisionTower
 
     if variant == "llava_single_layer":
         tower = CLIPVisionTower(tower_dir, tower_args("mlp2x_gelu"))
@@ -117,7 +118,7 @@ class TrainStep:
 
 
 def build_projector(variant: str, tower, llm_width: int, seed: int, device, dtype) -> torch.nn.Module:
-    from llava_dsl.integration import build_vision_projector
+    from llava_dsl.skip_links.llava_patches import build_vision_projector
 
     if variant not in TRAIN:
         raise ValueError(f"train variant {variant!r}: expected one of {TRAIN}")
@@ -137,7 +138,7 @@ def build_train(variants, tower_dir: str, llm_width: int, seed: int, device, dty
     The baseline goes through the plugin's tower class too: LLaVA's own ``forward`` runs under no_grad and
     cannot train; with mlp2x_gelu the plugin tower is the single-layer path DSLTrainer runs in stage 2.
     """
-    from llava_dsl.integration import MultiLayerCLIPVisionTower
+    from llava_dsl.skip_links.llava_patches import MultiLayerCLIPVisionTower
 
     steps, projectors, shared, shared_state = {}, {}, None, None
     for variant in variants:

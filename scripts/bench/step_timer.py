@@ -96,15 +96,15 @@ def main() -> None:
     if not out:
         raise SystemExit("step_timer: set STEP_TIMER_OUT to the json file the step times go to")
     import llava_dsl.train
-    from llava_dsl import integration
+    from llava_dsl.plugin import DSLTrainer
 
-    original_init = integration.DSLTrainer.__init__
+    original_init = DSLTrainer.__init__
 
     def init_with_timer(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         self.add_callback(StepTimer(out, os.environ.get("STEP_TIMER_PROFILE", "")))
 
-    integration.DSLTrainer.__init__ = init_with_timer
+    DSLTrainer.__init__ = init_with_timer
     llava_dsl.train.main(sys.argv[1:])
 
 

@@ -30,20 +30,20 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(BENCH))
 sys.path.insert(0, ROOT)
 
-from llava_dsl import tiny_assets  # noqa: E402
+from llava_dsl.assets.tiny_models import build_language_model, build_tokenizer, build_vision_tower, write_llava_datasets  # noqa: E402
 
 TYPES = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
 
 
 def build_assets(out: str, args) -> dict:
-    tokenizer = tiny_assets.build_tokenizer(os.path.join(out, "tokenizer"))
-    llm = tiny_assets.build_language_model(os.path.join(out, "llm"), tokenizer, hidden_size=args.llm_hidden,
+    tokenizer = build_tokenizer(os.path.join(out, "tokenizer"))
+    llm = build_language_model(os.path.join(out, "llm"), tokenizer, hidden_size=args.llm_hidden,
                                            intermediate_size=args.llm_hidden * 4, num_layers=args.llm_layers,
                                            num_heads=max(1, args.llm_hidden // 64))
-    tower = tiny_assets.build_vision_tower(os.path.join(out, "tower"), image_size=args.image_size, patch_size=14,
+    tower = build_vision_tower(os.path.join(out, "tower"), image_size=args.image_size, patch_size=14,
                                            hidden_size=args.vision_hidden, intermediate_size=args.vision_hidden * 4,
                                            num_layers=args.vision_layers, num_heads=max(1, args.vision_hidden // 64))
-    data = tiny_assets.write_llava_datasets(os.path.join(out, "data"), num_samples=args.samples,
+    data = write_llava_datasets(os.path.join(out, "data"), num_samples=args.samples,
                                             image_size=args.image_size)
     return {"llm": llm, "tower": tower, **data}
 

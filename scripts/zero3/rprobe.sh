@@ -77,9 +77,9 @@ case "$LAUNCHER" in
         cmd=(deepspeed)
         [ -z "$HOSTFILE" ] || cmd+=(--hostfile "$HOSTFILE")
         [ -z "$NUM_GPUS" ] || cmd+=(--num_gpus "$NUM_GPUS")
-        cmd+=(--master_port "$MASTER_PORT" --module llava_dsl.rprobe_stage train --deepspeed "$DEEPSPEED_CONFIG")
+        cmd+=(--master_port "$MASTER_PORT" --module llava_dsl.rprobe train --deepspeed "$DEEPSPEED_CONFIG")
         ;;
-    python) cmd=("$PYTHON" -m llava_dsl.rprobe_stage train) ;;
+    python) cmd=("$PYTHON" -m llava_dsl.rprobe train) ;;
     *) die "LAUNCHER=$LAUNCHER: expected deepspeed (ZeRO-3) or python (one process)" ;;
 esac
 cmd+=("${flags[@]}" "$@")

@@ -1,0 +1,235 @@
+"""The gradient split: per block group of the tower, the part that arrives through the main feature and the
+part through the skip taps (counterfactual for detached taps), measured during a normal training step."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from transformers import CLIPVisionModel
+
+from llava_dsl.compat.deepspeed import full_numel, is_partitioned
+
+
+@dataclass
+class BlockGroup:
+    """Blocks ``first..last`` (1-based; 0..0 = embeddings + pre-LayerNorm), fed by the slices at or above ``last``."""
+
+    name: str
+    first: int
+    last: int
+    params: List[nn.Parameter] = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        return sum(full_numel(p) for p in self.params)
+
+
+def group_bounds(concat_order: Sequence[int]) -> List[tuple]:
+    """(name, first, last) for the embeddings and for the blocks between consecutive tapped layers, shallow first.
+
+    Taps 2, 4, 6 and main 7 give: embeddings, blocks 1-2, blocks 3-4, blocks 5-6, block 7.
+    """
+    bounds, previous = [("embeddings", 0, 0)], 0
+    for layer in sorted(set(concat_order)):
+        if layer > previous:
+            name = f"block_{layer}" if layer == previous + 1 else f"blocks_{previous + 1}-{layer}"
+            bounds.append((name, previous + 1, layer))
+            previous = layer
+    return bounds
+
+
+def block_groups(clip: CLIPVisionModel, concat_order: Sequence[int]) -> List[BlockGroup]:
+    vision = clip.vision_model
+    trainable = lambda modules: [p for m in modules for p in m.parameters() if p.requires_grad]
+    groups = []
+    for name, first, last in group_bounds(concat_order):
+        modules = [vision.embeddings, vision.pre_layrnorm] if last == 0 else list(vision.encoder.layers[first - 1:last])
+        groups.append(BlockGroup(name, first, last, trainable(modules)))
+    return groups
+
+
+@contextlib.contextmanager
+def _zero3_backward_counters_kept(modules: Sequence[nn.Module]):
+    """Run an extra backward through ZeRO-3-hooked modules without consuming the main backward's hook state.
+
+    ZeRO-3 gathers a module's partitioned parameters in a pre-backward autograd node guarded by a per-module
+    counter (``applied_pre_backward_ref_cnt``) and releases them after the module's backward
+    (``ds_grads_remaining``). An extra ``autograd.grad`` through the same graph runs those nodes too and would
+    leave the counters spent, so the main backward would then use released (empty) parameters. Restoring the
+    counters lets the main backward gather, use and release them exactly as without the extra pass.
+    """
+    names = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+    saved = [(m, {n: getattr(m, n) for n in names if hasattr(m, n)}) for m in modules]
+    try:
+        yield
+    finally:
+        for module, values in saved:
+            for name, value in values.items():
+                setattr(module, name, value)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GradientSplitter:
+    """Per-slice parameter gradients of a multi-layer vision tower, for the forwards/backwards it observes.
+
+    ``tower``: the module whose forward returns the projector input (LLaVA's vision tower with a
+    ``layer_spec``, a ``select_feature`` and a Hugging Face ``CLIPVisionModel`` as ``vision_tower``).
+
+        splitter = GradientSplitter(tower)
+        with splitter.observing():
+            model(**batch).loss.backward()      # as many micro-batches as the step has
+        parts = splitter.take()                 # {layer: {group name: flat fp32 gradient}}, summed
+
+    ``parts[spec.main]`` is the main part, ``parts[tap]`` what the tap's slice sends (applied or not).
+    Hooks exist only while observing; the normal backward and ``.grad`` are unchanged.
+    """
+
+    def __init__(self, tower: nn.Module, grad_scale: Optional[Callable[[], float]] = None):
+        self.tower = tower
+        self.spec = tower.layer_spec
+        self.clip: CLIPVisionModel = tower.vision_tower
+        self.groups = block_groups(self.clip, self.spec.concat_order)
+        self.width = self.clip.config.hidden_size
+        self.grad_scale = grad_scale or (lambda: 1.0)
+        self.zero3 = is_partitioned(self.clip.parameters())
+        self._handles: List = []
+        self._armed = False
+        self._call_records: List[Dict[int, torch.Tensor]] = []
+        self._sums: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._saved_checkpoint_func = None
+        self.seconds = 0.0
+
+    # which groups each slice reaches: the groups at or below its layer
+    def groups_reached(self, layer: int) -> List[BlockGroup]:
+        return [g for g in self.groups if g.last <= layer]
+
+    # ---- hooks --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def observing(self):
+        self.install()
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    def install(self) -> None:
+        if self._handles:
+            return
+        vision = self.clip.vision_model
+        wanted = set(self.spec.concat_order)
+        self._handles.append(self.tower.register_forward_pre_hook(self._on_tower_start))
+        self._handles.append(self.tower.register_forward_hook(self._on_tower_output))
+        self._handles.append(vision.pre_layrnorm.register_forward_hook(self._on_state(0, start=True)))
+        for layer in sorted(wanted - {0}):
+            self._handles.append(vision.encoder.layers[layer - 1].register_forward_hook(self._on_state(layer)))
+        encoder = vision.encoder
+        if getattr(encoder, "gradient_checkpointing", False):
+            # Reentrant checkpointing cannot serve torch.autograd.grad (and would write into .grad); for the
+            # measured step the same blocks are checkpointed non-reentrantly: same values, same recompute.
+            self._saved_checkpoint_func = encoder._gradient_checkpointing_func
+            encoder._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                     use_reentrant=False)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._armed = False
+        if self._saved_checkpoint_func is not None:
+            self.clip.vision_model.encoder._gradient_checkpointing_func = self._saved_checkpoint_func
+            self._saved_checkpoint_func = None
+
+    def _on_tower_start(self, module, args):
+        self._armed = True
+        self._call_records = []
+
+    def _on_state(self, layer: int, start: bool = False):
+        def hook(module, args, output):
+            if not self._armed:  # e.g. a checkpoint recomputing the block during backward
+                return
+            if start:
+                self._call_records.append({})
+            self._call_records[-1][layer] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _on_tower_output(self, module, args, output):
+        self._armed = False
+        outputs = output if isinstance(output, (list, tuple)) else [output]
+        if len(outputs) != len(self._call_records):
+            raise RuntimeError(
+                f"grad stats: the vision tower returned {len(outputs)} feature tensor(s) but its blocks ran "
+                f"{len(self._call_records)} time(s); cannot pair hidden states with features")
+        for features, states in zip(outputs, self._call_records):
+            if features.requires_grad and all(s.requires_grad for s in states.values()):
+                features.register_hook(functools.partial(self._split, states))
+        self._call_records = []
+
+    # ---- the split ----------------------------------------------------------------------------
+    def _split(self, states: Dict[int, torch.Tensor], grad: torch.Tensor) -> None:
+        """Tensor hook on the projector input: push each channel slice of d loss / d input back alone."""
+        _synchronize(grad.device)
+        start = time.perf_counter()
+        scale = float(self.grad_scale())
+        c = self.width
+        expected = c * len(self.spec.concat_order)
+        if grad.shape[-1] != expected:
+            raise RuntimeError(f"grad stats: projector input has {grad.shape[-1]} channels, expected {expected} "
+                               f"({len(self.spec.concat_order)} layers x {c}) for layers {self.spec.concat_order}")
+        for index, layer in enumerate(self.spec.concat_order):
+            state = states[layer]
+            piece = grad[..., index * c:(index + 1) * c].to(state.dtype)
+            if piece.shape[1] != state.shape[1]:  # 'patch' features drop the CLS token, which gets no gradient
+                padded = piece.new_zeros(state.shape)
+                padded[:, state.shape[1] - piece.shape[1]:] = piece
+                piece = padded
+            groups = self.groups_reached(layer)
+            params = [p for g in groups for p in g.params]
+            keep = _zero3_backward_counters_kept(list(self.clip.modules())) if self.zero3 else contextlib.nullcontext()
+            with keep, torch.enable_grad():
+                grads = torch.autograd.grad([state], params, [piece], retain_graph=True, allow_unused=True)
+            flat_grads = [g.detach().float().reshape(-1) / scale if g is not None
+                          else torch.zeros(full_numel(p), device=grad.device) for p, g in zip(params, grads)]
+            sums, offset = self._sums.setdefault(layer, {}), 0
+            for group in groups:
+                pieces = flat_grads[offset:offset + len(group.params)]
+                offset += len(group.params)
+                flat = torch.cat(pieces) if pieces else torch.zeros(0, device=grad.device)
+                if group.name in sums:
+                    sums[group.name] += flat
+                else:
+                    sums[group.name] = flat
+        _synchronize(grad.device)
+        self.seconds += time.perf_counter() - start
+
+    def take(self, device: Optional[torch.device] = None) -> Dict[int, Dict[str, torch.Tensor]]:
+        """The per-slice parts summed since the last take; zeros where nothing was observed (every slice and
+        reached group is present, so ranks can all-reduce the same structure)."""
+        if device is None:
+            device = next(iter(self.clip.parameters())).device
+        parts = {}
+        for layer in self.spec.concat_order:
+            got = self._sums.get(layer, {})
+            parts[layer] = {g.name: got[g.name] if g.name in got else torch.zeros(g.numel, device=device)
+                            for g in self.groups_reached(layer)}
+        self._sums = {}
+        return parts
+
+
+def split_into_main_and_skip(parts: Dict[int, Dict[str, torch.Tensor]], spec, group: str):
+    """(g_main, g_skip, g_applied) of one group: skip sums every tap reaching it; applied leaves out detached taps."""
+    main = parts[spec.main][group]
+    taps = [t for t in spec.taps if group in parts[t]]
+    skip = sum((parts[t][group] for t in taps), torch.zeros_like(main))
+    detached = set(spec.detached_layers)
+    applied = main + sum((parts[t][group] for t in taps if t not in detached), torch.zeros_like(main))
+    return main, skip, applied

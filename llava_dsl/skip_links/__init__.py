@@ -1,0 +1,3 @@
+"""Detached Skip-Links, the idea itself: which tower layers are tapped (``layer_spec``), how they are fused
+(``fusion``), the partial CLIP forward that yields them (``clip_taps``), the projector-adapter loader
+(``adapter``), and the swaps that teach LLaVA all of it (``llava_patches``). Only ``llava_patches`` imports ``llava``."""
