@@ -1,0 +1,175 @@
+"""``python -m llava_dsl.study``: single layer vs naive multi-layer vs Detached Skip-Links, over seeds, measured
+per claim of the paper (gradient interference, accuracy and stability, R-Probe). See docs/study.md.
+
+    python -m llava_dsl.study [run] [--scale 1] [--seeds 0,1,2] [--output_dir study_output] [--device cpu]
+    python -m llava_dsl.study search [--output_dir ...]     the regime search (gradient statistics only)
+    python -m llava_dsl.study report [--output_dir ...]     tables, JSON and figures from what has finished
+
+``run`` skips every unit that finished before (same plan), so rerunning the same command after a crash or a
+kill continues; ``report`` runs on partial results too. The study is not a test and never runs in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Dict, Optional, Sequence
+
+from llava_dsl.checkpointing.atomic import atomic_write_text
+from llava_dsl.study.plan import DEFAULT_SEEDS, Plan, PlanError, make_plan, parse_seeds
+from llava_dsl.study.runner import MARKER, StudyError, Units, run_seed, say
+
+
+def build_paths(output_dir: str, plan: Plan, assets_root: Optional[str], override: Dict[str, Optional[str]]) -> Dict:
+    """The pretrained tower and LM (asset cache, built on first use) and the data set, as paths."""
+    from llava_dsl.assets.ocr_data import OcrDataConfig, build as build_data
+
+    if override.get("vision_tower") and override.get("llm"):
+        models = {"vision_tower": os.path.abspath(override["vision_tower"]), "llm": os.path.abspath(override["llm"])}
+    else:
+        from llava_dsl.assets.pretrained import build
+
+        built = build(plan.tower_variant, root=assets_root, log=lambda message: say(f"assets: {message}"))
+        models = {k: built[k] for k in ("vision_tower", "llm", "tower_report", "lm_report")}
+    data = build_data(os.path.join(output_dir, "data", f"digits-{plan.image_size}px"),
+                      OcrDataConfig(seed=plan.data_seed, image_size=plan.image_size, num_pretrain=plan.num_pretrain,
+                                    num_finetune=plan.num_finetune, num_heldout=plan.num_heldout,
+                                    num_textvqa=plan.eval_questions, num_ocrbench=8, content="digits",
+                                    min_digits=plan.min_digits, max_digits=plan.max_digits))
+    return {**models, **data}
+
+
+def check_output_dir(output_dir: str, plan: Plan) -> None:
+    """A new folder gets the marker and plan.json; an old one must hold the same plan (else refused)."""
+    marker, plan_file = os.path.join(output_dir, MARKER), os.path.join(output_dir, "plan.json")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(marker):
+        raise StudyError(f"--output_dir {output_dir} is not empty and was not written by the study; choose a new "
+                         f"or empty folder")
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_text(marker, "written by python -m llava_dsl.study; rerunning the same command continues it\n")
+    wanted = plan.to_json()
+    if os.path.isfile(plan_file):
+        with open(plan_file, encoding="utf-8") as f:
+            recorded = json.load(f)
+        # more seeds may be added to a finished study; anything else must match
+        same = {k: v for k, v in recorded.items() if k != "seeds"} == {k: v for k, v in wanted.items() if k != "seeds"}
+        if not same:
+            changed = sorted(k for k in set(recorded) | set(wanted) if k != "seeds" and recorded.get(k) != wanted.get(k))
+            raise StudyError(f"--output_dir {output_dir} holds a study with another plan (differs in "
+                             f"{', '.join(f'{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}' for k in changed)}); "
+                             f"use a new --output_dir to run this one")
+        wanted["seeds"] = sorted(set(recorded["seeds"]) | set(wanted["seeds"]))
+    atomic_write_text(plan_file, json.dumps(wanted, indent=1))
+
+
+def load_paths(output_dir: str, plan: Plan, assets_root, override) -> Dict:
+    """Paths of the first run are kept (paths.json), so a resumed study uses the same tower and LM even if the
+    asset cache was rebuilt meanwhile."""
+    path_file = os.path.join(output_dir, "paths.json")
+    if os.path.isfile(path_file):
+        with open(path_file, encoding="utf-8") as f:
+            paths = json.load(f)
+        if all(os.path.exists(p) for p in paths.values()):
+            return paths
+    paths = build_paths(output_dir, plan, assets_root, override)
+    atomic_write_text(path_file, json.dumps(paths, indent=1))
+    return paths
+
+
+def run_study(output_dir: str, plan: Plan, jobs: int, assets_root, override) -> None:
+    started = time.time()
+    check_output_dir(output_dir, plan)
+    paths = load_paths(output_dir, plan, assets_root, override)
+    say(f"plan: {plan.to_json()}")
+    units = Units(output_dir, plan.device)
+    errors = []
+
+    def worker(seeds: Sequence[int]) -> None:
+        for seed in seeds:
+            try:
+                run_seed(units, plan, paths, seed)
+                write_report(output_dir, quiet=True)
+            except Exception as error:  # noqa: BLE001 - reported below with the seed, the others go on
+                errors.append((seed, error))
+                say(f"seed {seed} stopped: {error}")
+
+    # seeds are independent chains; `jobs` of them run side by side (each unit is one single-threaded process)
+    lanes = [list(plan.seeds[i::jobs]) for i in range(min(jobs, len(plan.seeds)))]
+    threads = [threading.Thread(target=worker, args=(lane,)) for lane in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.time() - started
+    state_file = os.path.join(output_dir, "wall_seconds.json")
+    previous = {}
+    if os.path.isfile(state_file):
+        with open(state_file, encoding="utf-8") as f:
+            previous = json.load(f)
+    sessions = previous.get("sessions", []) + [{"seconds": round(elapsed, 1), "jobs": jobs,
+                                                "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                "argv": sys.argv, "errors": [str(e) for _, e in errors]}]
+    atomic_write_text(state_file, json.dumps({"sessions": sessions}, indent=1))
+    write_report(output_dir)
+    if errors:
+        raise StudyError("; ".join(f"seed {s}: {e}" for s, e in errors))
+    say(f"study done in {elapsed:.0f}s; {output_dir}/results.json, results.md, figures/")
+
+
+def write_report(output_dir: str, quiet: bool = False) -> Dict:
+    from llava_dsl.study.report import write
+
+    return write(output_dir, quiet=quiet)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llava_dsl.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=("run", "search", "report"), default="run")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply steps, probe steps and eval questions (default 1: the 2-core CPU run)")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                        help="comma-separated seeds (default %(default)s); each sets data order and initial weights "
+                             "for all arms alike")
+    parser.add_argument("--output_dir", "--output-dir", default="study_output")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (default 1)")
+    parser.add_argument("--assets_root", "--assets-root", default=None,
+                        help="asset cache (default $LLAVA_DSL_ASSETS, else ~/.cache/llava_dsl/assets)")
+    parser.add_argument("--vision_tower", default=None, help="use this tower instead of the cached one (smoke runs)")
+    parser.add_argument("--llm", default=None, help="use this LM instead of the cached one (smoke runs)")
+    args = parser.parse_args(argv)
+    try:
+        if args.jobs < 1:
+            raise PlanError(f"--jobs {args.jobs}: expected a positive integer")
+        if bool(args.vision_tower) != bool(args.llm):
+            raise PlanError("--vision_tower and --llm: give both or neither")
+        plan = make_plan(args.scale, parse_seeds(args.seeds), args.device)
+        output_dir = os.path.abspath(args.output_dir)
+        override = {"vision_tower": args.vision_tower, "llm": args.llm}
+        if args.command == "run":
+            run_study(output_dir, plan, args.jobs, args.assets_root, override)
+        elif args.command == "report":
+            if not os.path.isfile(os.path.join(output_dir, "plan.json")):
+                raise StudyError(f"--output_dir {output_dir}: no plan.json; run the study there first")
+            write_report(output_dir)
+        else:
+            from llava_dsl.study.search import run_search
+
+            os.makedirs(output_dir, exist_ok=True)
+
+            def paths_for(candidate: Plan) -> Dict:
+                folder = os.path.join(output_dir, "search", candidate.tower_variant)
+                os.makedirs(folder, exist_ok=True)
+                return build_paths(folder, candidate, args.assets_root, override)
+
+            run_search(output_dir, plan, paths_for)
+    except (PlanError, StudyError) as error:
+        raise SystemExit(f"llava_dsl.study: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

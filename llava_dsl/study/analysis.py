@@ -1,0 +1,312 @@
+"""Reads what the units wrote (trainer states, ``dsl_grad_stats.json``, scored answers, R-Probe reports) into
+per-seed numbers, summaries and paired differences, and states a verdict per claim by rules fixed in advance.
+
+Verdict rule for a paired metric (detached - naive, one difference per seed): "reproduces in direction" when the
+95 % bootstrap CI of the mean difference excludes 0 on the paper's side, "does not" when it excludes 0 on the
+other side, "inconclusive" otherwise (the direction of the mean is still stated). For the gradient statistics,
+whose claim is about one model rather than a difference: "reproduces in direction" when every seed is on the
+paper's side, "does not" when every seed is on the other side, "inconclusive" when the seeds disagree.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Dict, List, Optional, Sequence
+
+from llava_dsl.study import stats
+from llava_dsl.study.plan import ARMS, SHORT, Plan
+from llava_dsl.study.runner import fixed_dir, stage_dir
+
+GRAD_KEYS = ("trcov_ratio", "cos_mean", "snr_main", "snr_full", "trcov_main", "trcov_skip", "norm_main", "norm_skip")
+
+# cos(g_main, g_skip) counts as "about 0" (the paper's orthogonality) below this, as clearly not above COS_FAR
+COS_NEAR_ZERO = 0.2
+COS_FAR = 0.5
+
+
+def _load(path: str) -> Optional[Dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stage2_losses(folder: str) -> Optional[List[float]]:
+    state = _load(os.path.join(folder, "trainer_state.json"))
+    if state is None:
+        return None
+    return [float(e["loss"]) for e in state["log_history"] if "loss" in e]
+
+
+def normalise_answer(text: Optional[str]) -> str:
+    """Lower case, spaces and a trailing full stop removed: '1234.' and ' 1234' are both '1234'."""
+    text = (text or "").strip().lower()
+    text = re.sub(r"\s+", "", text)
+    return text[:-1] if text.endswith(".") else text
+
+
+def char_accuracy(predicted: str, truth: str) -> float:
+    """Share of positions read right; a longer or shorter answer counts the extra or missing positions wrong."""
+    if not truth and not predicted:
+        return 1.0
+    hits = sum(1 for a, b in zip(predicted, truth) if a == b)
+    return hits / max(len(truth), len(predicted))
+
+
+def answer_scores(scored_file: str) -> Optional[Dict]:
+    if not os.path.isfile(scored_file):
+        return None
+    with open(scored_file, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    exact, chars, examples = 0, 0.0, []
+    for row in rows:
+        truth = normalise_answer(row["ground_truth"][0] if isinstance(row["ground_truth"], list)
+                                 else row["ground_truth"])
+        predicted = normalise_answer(row["prediction"])
+        exact += predicted == truth
+        chars += char_accuracy(predicted, truth)
+        if len(examples) < 6:
+            examples.append({"prediction": row["prediction"], "truth": truth})
+    n = len(rows)
+    return {"exact_match": 100.0 * exact / n, "char_accuracy": 100.0 * chars / n, "n": n,
+            "distinct_answers": len({normalise_answer(r["prediction"]) for r in rows}), "examples": examples}
+
+
+def tower_grad_norms(grad: Dict) -> List[float]:
+    """The gradient norm the run applied to the whole tower at each measured step (sqrt of the groups' sum)."""
+    return [math.sqrt(sum(g["norm_applied"] ** 2 for g in step["groups"].values())) for step in grad["steps"]]
+
+
+def shallow_group(grad: Dict) -> str:
+    """The shallowest group of tower blocks (the first after the embeddings): the paper's claim is about it."""
+    names = [g["name"] for g in grad["groups"]]
+    blocks = [n for n in names if n != "embeddings"]
+    return blocks[0] if blocks else names[0]
+
+
+def skip_groups(grad: Dict) -> List[str]:
+    """Groups that some tap reaches (so g_skip exists)."""
+    taps = grad["layer_spec"]["taps"]
+    return [g["name"] for g in grad["groups"] if any(t >= g["blocks"][1] for t in taps)]
+
+
+def window_series(grad: Dict, group: str, key: str) -> List[Dict]:
+    return [{"first_step": w["first_step"], "last_step": w["last_step"], "value": w["groups"][group].get(key)}
+            for w in grad["windows"] if group in w["groups"]]
+
+
+def _fixed(output_dir: str, seed: int, point: str, projector: str) -> Optional[Dict]:
+    grad = _load(os.path.join(fixed_dir(output_dir, seed, point, projector), "dsl_grad_stats.json"))
+    if grad is None or not grad["windows"]:
+        return None
+    window = grad["windows"][-1]
+    return {"num_steps": window["num_steps"], "partial": window["partial"],
+            "groups": {name: {k: v.get(k) for k in GRAD_KEYS} for name, v in window["groups"].items()},
+            "shallow_group": shallow_group(grad), "skip_groups": skip_groups(grad)}
+
+
+def _tensors(source: str, prefix: str = "") -> Dict:
+    import torch
+    from safetensors.torch import load_file
+
+    files = [source] if os.path.isfile(source) else [os.path.join(source, n) for n in sorted(os.listdir(source))]
+    out = {}
+    for path in files:
+        name = os.path.basename(path)
+        if name.endswith(".safetensors"):
+            out.update(load_file(path))
+        elif name.endswith(".bin") and (name.startswith("pytorch_model") or name == "mm_projector.bin"):
+            out.update(torch.load(path, map_location="cpu", weights_only=True))
+    return {prefix + k: v for k, v in out.items()}
+
+
+def weights_unchanged(before, after: str) -> Optional[Dict]:
+    """Max |difference| between the tensors of the saved model ``after`` and ``before`` (a folder or file, or a
+    list of (folder or file, key prefix) pairs that together make the model) on the keys they share: 0
+    everywhere proves theta did not move."""
+    sources = [(before, "")] if isinstance(before, str) else list(before)
+    if not os.path.isdir(after) or not all(os.path.exists(s) for s, _ in sources):
+        return None
+    a = {}
+    for source, prefix in sources:
+        a.update(_tensors(source, prefix))
+    b = _tensors(after)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in common)
+    tower = [k for k in common if "vision_tower" in k]
+    return {"tensors_compared": len(common), "tower_tensors": len(tower), "only_before": len(set(a) - set(b)),
+            "only_after": len(set(b) - set(a)), "max_abs_difference": diff}
+
+
+def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) -> Dict:
+    """Everything measured for one seed; a missing piece is None (never dropped)."""
+    arms = {}
+    probe = _load(os.path.join(output_dir, "rprobe", f"seed{seed}", "report.json"))
+    probe_by_path = {}
+    if probe is not None:
+        probe_by_path = {os.path.abspath(c["checkpoint"]): c for c in probe["checkpoints"]}
+    for projector in ARMS:
+        folder = stage_dir(output_dir, seed, projector, 2)
+        losses = stage2_losses(folder)
+        row = {"stage2_dir": folder, "losses": losses}
+        if losses:
+            tail = losses[-max(1, len(losses) // 10):]
+            spikes = stats.loss_spikes(losses)
+            row.update(first_loss=losses[0], final_loss=sum(tail) / len(tail), spikes=len(spikes),
+                       spike_steps=[i + 1 for i in spikes], max_loss_after_warmup=max(losses[stats.SPIKE_WINDOW:])
+                       if len(losses) > stats.SPIKE_WINDOW else None)
+        grad = _load(os.path.join(folder, "dsl_grad_stats.json"))
+        if grad is not None:
+            norms = tower_grad_norms(grad)
+            group = shallow_group(grad)
+            row["grad"] = {
+                "shallow_group": group, "skip_groups": skip_groups(grad),
+                "measured_steps": [s["step"] for s in grad["steps"]], "tower_grad_norm": norms,
+                "tower_grad_norm_max": max(norms) if norms else None,
+                "tower_grad_norm_cv": stats.coefficient_of_variation(norms),
+                "windows": {g: {k: window_series(grad, g, k) for k in GRAD_KEYS} for g in skip_groups(grad)},
+                "shallow_norm_applied": [s["groups"][group]["norm_applied"] for s in grad["steps"]],
+                "shallow_norm_main": [s["groups"][group]["norm_main"] for s in grad["steps"]],
+                "shallow_norm_skip": [s["groups"][group]["norm_skip"] for s in grad["steps"]],
+                "timing": grad.get("timing"),
+            }
+        scored = os.path.join(output_dir, "eval", f"seed{seed}", SHORT[projector], "textvqa", "scored.jsonl")
+        if not os.path.isfile(scored):
+            found = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(output_dir, "eval", f"seed{seed}",
+                                                                               SHORT[projector])) for f in fs
+                     if f == "scored.jsonl"]
+            scored = found[0] if found else scored
+        row["answers"] = answer_scores(scored)
+        result = probe_by_path.get(os.path.abspath(folder))
+        if result is not None:
+            row["rprobe"] = {"steps_to_threshold": result["steps_to_threshold"], "final_mse": result["final"]["mse"],
+                             "final_psnr": result["final"]["psnr"],
+                             "history": [{"step": h["step"], "mse": h["mse"]} for h in result["history"]]}
+        arms[projector] = row
+    fixed = {}
+    for point in plan.fixed_theta_points:
+        for projector in (("mlp_multilayer",) if point == "start" else ("mlp_multilayer", "detached_mlp_multilayer")):
+            key = "start" if point == "start" else f"{point}-{SHORT[projector]}"
+            fixed[key] = _fixed(output_dir, seed, point, projector)
+            if fixed[key] is None:
+                continue
+            if point == "start":  # the LLM, the pretrained tower and the stage-1 adapter
+                source = [(paths["llm"], ""), (paths["vision_tower"], "model.vision_tower.vision_tower."),
+                          (os.path.join(stage_dir(output_dir, seed, "mlp_multilayer", 1), "mm_projector.bin"), "")]
+            else:
+                source = stage_dir(output_dir, seed, projector, 2)
+                if point == "mid":
+                    source = os.path.join(source, f"checkpoint-{plan.mid_step}")
+            fixed[key]["theta_check"] = weights_unchanged(source, fixed_dir(output_dir, seed, point, projector))
+    out = {"seed": seed, "arms": arms, "fixed_theta": fixed}
+    if probe is not None:
+        out["rprobe"] = {"threshold": probe["threshold"]["mse"], "trivial_mse": probe["trivial"]["mse"],
+                         "threshold_source": probe["threshold"].get("source")}
+    return out
+
+
+def _value(seed_row: Dict, projector: str, path: Sequence[str]):
+    node = seed_row["arms"].get(projector)
+    for key in path:
+        if node is None:
+            return None
+        node = node.get(key)
+    return node
+
+
+METRICS = {
+    # name: (path in an arm's row, the paper's better direction: -1 lower is better, +1 higher is better)
+    "exact_match": (("answers", "exact_match"), +1),
+    "char_accuracy": (("answers", "char_accuracy"), +1),
+    "final_loss": (("final_loss",), -1),
+    "spikes": (("spikes",), -1),
+    "tower_grad_norm_max": (("grad", "tower_grad_norm_max"), -1),
+    "tower_grad_norm_cv": (("grad", "tower_grad_norm_cv"), -1),
+    "rprobe_steps_to_threshold": (("rprobe", "steps_to_threshold"), -1),
+    "rprobe_final_mse": (("rprobe", "final_mse"), -1),
+}
+
+
+def verdict_paired(ci: Optional[Dict], better: int) -> str:
+    if ci is None:
+        return "inconclusive (no data)"
+    side = "detached better" if ci["mean"] * better > 0 else ("no difference" if ci["mean"] == 0
+                                                               else "detached worse")
+    if ci["low"] > 0 or ci["high"] < 0:
+        return "reproduces in direction" if ci["mean"] * better > 0 else f"does not ({side})"
+    return f"inconclusive (CI includes 0; mean: {side})"
+
+
+def verdict_all(values: Sequence[Optional[float]], paper_side) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "inconclusive (no data)"
+    on_side = [paper_side(v) for v in present]
+    if all(on_side):
+        return f"reproduces in direction ({len(present)} of {len(present)} seeds)"
+    if not any(on_side):
+        return f"does not (0 of {len(present)} seeds)"
+    return f"inconclusive ({sum(on_side)} of {len(present)} seeds)"
+
+
+def summarise(seeds: List[Dict], plan: Plan) -> Dict:
+    per_arm = {}
+    for projector in ARMS:
+        per_arm[projector] = {name: stats.summary([_value(s, projector, path) for s in seeds])
+                              for name, (path, _) in METRICS.items()}
+    # R-Probe: a probe that never reaches the threshold is counted at (steps + eval_every), marked censored
+    def probe_steps(s, projector):
+        row = _value(s, projector, ("rprobe",))
+        if row is None:
+            return None
+        return row["steps_to_threshold"] if row["steps_to_threshold"] is not None else \
+            plan.probe_steps + plan.probe_eval_every
+    paired = {}
+    for name, (path, better) in METRICS.items():
+        if name == "rprobe_steps_to_threshold":
+            naive = [probe_steps(s, "mlp_multilayer") for s in seeds]
+            detached = [probe_steps(s, "detached_mlp_multilayer") for s in seeds]
+        else:
+            naive = [_value(s, "mlp_multilayer", path) for s in seeds]
+            detached = [_value(s, "detached_mlp_multilayer", path) for s in seeds]
+        result = stats.paired(naive, detached)
+        result["better"] = "higher" if better > 0 else "lower"
+        result["verdict"] = verdict_paired(result["ci"], better)
+        paired[name] = result
+    secondary = {}
+    for name in ("exact_match", "char_accuracy"):
+        path = METRICS[name][0]
+        single = [_value(s, "mlp2x_gelu", path) for s in seeds]
+        for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
+            secondary[f"{name}: {SHORT[projector]} - single"] = stats.paired(
+                single, [_value(s, projector, path) for s in seeds])
+
+    # claim (a), at fixed theta, on the shallowest block group and on every group a tap reaches
+    gradient = {}
+    points = [k for s in seeds for k in s["fixed_theta"]]
+    for key in dict.fromkeys(points):
+        rows = [s["fixed_theta"].get(key) for s in seeds]
+        groups = next((r["skip_groups"] for r in rows if r), [])
+        shallow = next((r["shallow_group"] for r in rows if r), None)
+        entry = {"shallow_group": shallow, "groups": {}}
+        for group in groups:
+            values = {k: [None if r is None else r["groups"].get(group, {}).get(k) for r in rows] for k in GRAD_KEYS}
+            snr_gain = [None if a is None or b is None else a - b
+                        for a, b in zip(values["snr_main"], values["snr_full"])]
+            entry["groups"][group] = {
+                **{k: stats.summary(v) for k, v in values.items()},
+                "snr_gain_without_skip": stats.summary(snr_gain),
+                "verdict_ratio_above_1": verdict_all(values["trcov_ratio"], lambda v: v > 1),
+                "verdict_cos_near_0": verdict_all(values["cos_mean"], lambda v: abs(v) < COS_NEAR_ZERO)
+                if not all(v is not None and abs(v) > COS_FAR for v in values["cos_mean"]) else
+                f"does not (|cos| > {COS_FAR} in every seed)",
+                "verdict_snr_rises_without_skip": verdict_all(snr_gain, lambda v: v > 0),
+            }
+        entry["theta_checks"] = [None if r is None else r.get("theta_check") for r in rows]
+        gradient[key] = entry
+    return {"per_arm": per_arm, "paired_detached_minus_naive": paired, "paired_vs_single": secondary,
+            "fixed_theta": gradient}

@@ -1,0 +1,116 @@
+"""What the study runs: one frozen ``Plan`` for every arm and seed, derived from ``--scale``.
+
+The regime (tower variant, taps, detach depth, tower learning rate) is the one the regime search chose from the
+gradient statistics of short naive runs (``python -m llava_dsl.study search``, docs/study.md); it is a constant
+here, not a flag per arm. Every arm gets the same plan; the seed sets the data order and the stage-1 projector's
+initial weights, and the naive and detached arms share the stage-1 adapter (stage 1 trains only the projector
+over a frozen tower, where the two are the same computation), so they start stage 2 from identical weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Tuple
+
+ARMS = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
+
+LABELS = {"mlp2x_gelu": "single layer", "mlp_multilayer": "naive multi-layer",
+          "detached_mlp_multilayer": "Detached Skip-Links"}
+
+SHORT = {"mlp2x_gelu": "single", "mlp_multilayer": "naive", "detached_mlp_multilayer": "detached"}
+
+# The regime chosen by the search (docs/study.md, "Regime search"): the dense tower (no slot head: the LLM must
+# find the characters and their order), taps on every block below the main one, every tap but the deepest
+# detached, and the tower learning rate the search settled on.
+REGIME = {"tower_variant": "dense", "skip_layers": "1,2,3,4", "detach_depth": 3, "tower_lr": 1e-3}
+
+DEFAULT_SEEDS = (0, 1, 2)
+
+# Steps and data at --scale 1 (sized to run in the background on 2 shared CPU cores; docs/study.md has the times).
+BASE = {"stage1_steps": 40, "stage2_steps": 200, "fixed_theta_steps": 24, "probe_steps": 120, "eval_questions": 100}
+
+
+class PlanError(ValueError):
+    """A flag value the study cannot run with; the message names it and what was expected."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    scale: float
+    seeds: Tuple[int, ...]
+    device: str
+    tower_variant: str
+    skip_layers: str
+    detach_depth: int
+    tower_lr: float
+    batch_size: int = 16
+    stage1_steps: int = 40
+    stage2_steps: int = 200
+    stage1_lr: float = 1e-3
+    stage2_lr: float = 1e-3
+    # gradient statistics across training: every one of the first `grad_dense_steps` steps, then every
+    # `grad_every`-th, in windows of `grad_window` measured steps
+    grad_dense_steps: int = 40
+    grad_every: int = 4
+    grad_window: int = 10
+    # at fixed theta: `fixed_theta_steps` minibatches with learning rate 0, one window over all of them, at the
+    # stage-2 start (shared by naive and detached), the middle and the end of stage 2
+    fixed_theta_steps: int = 24
+    fixed_theta_points: Tuple[str, ...] = ("start", "mid", "end")
+    probe_steps: int = 120
+    probe_batch_size: int = 16
+    probe_eval_every: int = 10
+    probe_lr: float = 1e-3
+    probe_threshold_fraction: float = 0.5
+    eval_questions: int = 100
+    max_new_tokens: int = 8
+    num_heldout: int = 64
+    image_size: int = 64
+    min_digits: int = 2
+    max_digits: int = 5
+    data_seed: int = 0
+
+    @property
+    def num_pretrain(self) -> int:
+        return max(16, self.stage1_steps * self.batch_size)
+
+    @property
+    def num_finetune(self) -> int:
+        return max(16, self.stage2_steps * self.batch_size)
+
+    @property
+    def mid_step(self) -> int:
+        return max(1, self.stage2_steps // 2)
+
+    def to_json(self) -> Dict:
+        return {**asdict(self), "seeds": list(self.seeds), "fixed_theta_points": list(self.fixed_theta_points),
+                "num_pretrain": self.num_pretrain, "num_finetune": self.num_finetune, "mid_step": self.mid_step}
+
+
+def parse_seeds(text: str) -> Tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip() != "")
+    except ValueError:
+        raise PlanError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(seeds) < 1 or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise PlanError(f"--seeds {text!r}: expected distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+def make_plan(scale: float = 1.0, seeds: Tuple[int, ...] = DEFAULT_SEEDS, device: str = "cpu",
+              regime: Dict = None) -> Plan:
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise PlanError(f"--scale {scale!r}: expected a positive number (1 = the CPU default)")
+    if device not in ("cpu", "cuda"):
+        raise PlanError(f"--device {device!r}: expected cpu or cuda")
+    regime = dict(REGIME if regime is None else regime)
+    stage2 = max(4, round(BASE["stage2_steps"] * scale))
+    dense = max(2, min(stage2 // 4, round(40 * scale)))
+    return Plan(scale=float(scale), seeds=tuple(seeds), device=device, **regime,
+                stage1_steps=max(2, round(BASE["stage1_steps"] * scale)), stage2_steps=stage2,
+                grad_dense_steps=dense, grad_every=4, grad_window=10 if stage2 >= 40 else 2,
+                fixed_theta_steps=max(2, round(BASE["fixed_theta_steps"] * min(scale, 4))),
+                probe_steps=max(2, round(BASE["probe_steps"] * scale)),
+                probe_eval_every=max(1, round(10 * min(scale, 4))),
+                eval_questions=max(8, min(1000, round(BASE["eval_questions"] * scale))),
+                num_heldout=64 if scale <= 2 else 128)

@@ -1,0 +1,218 @@
+"""The study's outputs from what has finished: ``results.json`` (every seed's numbers, summaries, paired
+differences, verdicts), ``results.md`` (the tables) and ``figures/study_*.png`` (drawn with ``llava_dsl.plots``)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Dict, List, Optional
+
+from llava_dsl.checkpointing.atomic import atomic_write_text
+from llava_dsl.plots import plot_curves, save_png
+from llava_dsl.study import stats
+from llava_dsl.study.analysis import GRAD_KEYS, METRICS, collect_seed, summarise
+from llava_dsl.study.plan import ARMS, LABELS, SHORT, Plan
+
+
+def _plan(output_dir: str) -> Plan:
+    with open(os.path.join(output_dir, "plan.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    fields = {k: v for k, v in raw.items() if k in Plan.__dataclass_fields__}
+    fields["seeds"] = tuple(fields["seeds"])
+    fields["fixed_theta_points"] = tuple(fields["fixed_theta_points"])
+    return Plan(**fields)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _ms(summary: Dict, digits: int = 3) -> str:
+    if summary["mean"] is None:
+        return "–"
+    return f"{_fmt(summary['mean'], digits)} ± {_fmt(summary['std'], 2)}"
+
+
+def _ci(result: Dict, digits: int = 3) -> str:
+    ci = result.get("ci")
+    if ci is None:
+        return "–"
+    return f"{_fmt(ci['mean'], digits)} [{_fmt(ci['low'], digits)}, {_fmt(ci['high'], digits)}]"
+
+
+NAMES = {"exact_match": "held-out exact match %", "char_accuracy": "held-out character accuracy %",
+         "final_loss": "stage-2 final loss", "spikes": "loss spikes (count)",
+         "tower_grad_norm_max": "tower grad norm, max", "tower_grad_norm_cv": "tower grad norm, CV",
+         "rprobe_steps_to_threshold": "R-Probe steps to threshold", "rprobe_final_mse": "R-Probe final MSE"}
+
+
+def tables(result: Dict) -> str:
+    seeds = result["seeds"]
+    summary = result["summary"]
+    lines = []
+    lines.append("### Per seed\n")
+    header = "| metric | arm | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " | mean ± std |"
+    lines += [header, "|" + "---|" * (3 + len(seeds))]
+    for name, (path, _) in METRICS.items():
+        for projector in ARMS:
+            values = summary["per_arm"][projector][name]["values"]
+            if all(v is None for v in values):
+                continue
+            lines.append(f"| {NAMES[name]} | {SHORT[projector]} | " + " | ".join(_fmt(v) for v in values)
+                         + f" | {_ms(summary['per_arm'][projector][name])} |")
+    lines.append("\n### Paired: detached − naive (same seed)\n")
+    lines += ["| metric | better | per-seed differences | mean [95 % bootstrap CI] | sign test (+/−/0, p) | verdict |",
+              "|---|---|---|---|---|---|"]
+    for name, paired in summary["paired_detached_minus_naive"].items():
+        st = paired["sign_test"]
+        lines.append(f"| {NAMES[name]} | {paired['better']} | {', '.join(_fmt(d) for d in paired['differences'])} | "
+                     f"{_ci(paired)} | {st['positive']}/{st['negative']}/{st['ties']}, p = {st['p']:.3g} | "
+                     f"{paired['verdict']} |")
+    lines.append("\n### Paired against the single-layer projector (same seed)\n")
+    lines += ["| difference | per-seed | mean [95 % bootstrap CI] | sign test p |", "|---|---|---|---|"]
+    for name, paired in summary["paired_vs_single"].items():
+        lines.append(f"| {name} | {', '.join(_fmt(d) for d in paired['differences'])} | {_ci(paired)} | "
+                     f"{paired['sign_test']['p']:.3g} |")
+    lines.append("\n### Gradient interference at fixed θ (learning rate 0, one window over every minibatch)\n")
+    lines += ["| θ | group | tr(Cov) skip / main | cos(g_main, g_skip) | SNR main | SNR main+skip | "
+              "SNR gain without skip | per-seed ratio | verdicts: ratio > 1 / cos ≈ 0 / SNR rises |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for point, entry in summary["fixed_theta"].items():
+        for group, row in entry["groups"].items():
+            mark = " (shallowest)" if group == entry["shallow_group"] else ""
+            lines.append(f"| {point} | {group}{mark} | {_ms(row['trcov_ratio'])} | {_ms(row['cos_mean'], 2)} | "
+                         f"{_ms(row['snr_main'], 2)} | {_ms(row['snr_full'], 2)} | "
+                         f"{_ms(row['snr_gain_without_skip'], 2)} | "
+                         f"{', '.join(_fmt(v) for v in row['trcov_ratio']['values'])} | "
+                         f"{row['verdict_ratio_above_1']} / {row['verdict_cos_near_0']} / "
+                         f"{row['verdict_snr_rises_without_skip']} |")
+    lines.append("\n### Gradient interference over training windows (shallowest group)\n")
+    lines += ["| seed | arm | windows | tr(Cov) ratio: first → last (median) | cos: first → last | "
+              "SNR main / SNR main+skip (median) |", "|---|---|---|---|---|---|"]
+    for s in seeds:
+        for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
+            grad = s["arms"][projector].get("grad")
+            if not grad:
+                continue
+            group = grad["shallow_group"]
+            w = grad["windows"][group]
+            ratio = [x["value"] for x in w["trcov_ratio"] if x["value"] is not None]
+            cos = [x["value"] for x in w["cos_mean"] if x["value"] is not None]
+            sm = [x["value"] for x in w["snr_main"] if x["value"] is not None]
+            sf = [x["value"] for x in w["snr_full"] if x["value"] is not None]
+            if not ratio:
+                continue
+            lines.append(f"| {s['seed']} | {SHORT[projector]} | {len(ratio)} | {_fmt(ratio[0])} → {_fmt(ratio[-1])} "
+                         f"({_fmt(stats.median(ratio))}) | {_fmt(cos[0], 2)} → {_fmt(cos[-1], 2)} | "
+                         f"{_fmt(stats.median(sm), 2)} / {_fmt(stats.median(sf), 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(result: Dict, out_dir: str) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    seeds = result["seeds"]
+    # stage-2 loss, one line per arm and seed
+    series = {}
+    for s in seeds:
+        for projector in ARMS:
+            losses = s["arms"][projector].get("losses")
+            if losses:
+                series[f"{SHORT[projector]} seed {s['seed']}"] = (list(range(1, len(losses) + 1)), losses)
+    if series:
+        files["losses"] = save_png(plot_curves(series, {}, "Stage-2 (joint) training loss per step",
+                                               "optimizer step", "loss"), os.path.join(out_dir, "study_losses.png"))
+    # applied tower gradient norm at measured steps
+    series = {}
+    for s in seeds:
+        for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
+            grad = s["arms"][projector].get("grad")
+            if grad:
+                series[f"{SHORT[projector]} seed {s['seed']}"] = (grad["measured_steps"], grad["tower_grad_norm"])
+    if series:
+        files["tower_grad_norm"] = save_png(plot_curves(series, {}, "Gradient norm applied to the whole tower "
+                                                                    "(measured steps)", "optimizer step", "norm"),
+                                            os.path.join(out_dir, "study_tower_grad_norm.png"))
+    # tr(Cov) ratio on the shallowest group over training windows
+    series = {}
+    for s in seeds:
+        for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
+            grad = s["arms"][projector].get("grad")
+            if grad:
+                w = [x for x in grad["windows"][grad["shallow_group"]]["trcov_ratio"] if x["value"] is not None]
+                if w:
+                    series[f"{SHORT[projector]} seed {s['seed']}"] = ([x["last_step"] for x in w],
+                                                                      [x["value"] for x in w])
+    if series:
+        files["trcov_ratio"] = save_png(plot_curves(series, {"ratio 1": 1.0},
+                                                    "tr(Cov skip) / tr(Cov main), shallowest block group, per window "
+                                                    "(detached: counterfactual skip part)", "window's last step",
+                                                    "ratio"), os.path.join(out_dir, "study_trcov_ratio.png"))
+    # R-Probe held-out MSE vs probe step
+    series, hlines = {}, {}
+    for s in seeds:
+        for projector in ARMS:
+            probe = s["arms"][projector].get("rprobe")
+            if probe:
+                series[f"{SHORT[projector]} seed {s['seed']}"] = ([h["step"] for h in probe["history"]],
+                                                                  [h["mse"] for h in probe["history"]])
+        if "rprobe" in s and not hlines:
+            hlines = {"threshold": s["rprobe"]["threshold"], "mean image": s["rprobe"]["trivial_mse"]}
+    if series:
+        files["rprobe"] = save_png(plot_curves(series, hlines, "R-Probe held-out pixel MSE", "probe step", "MSE"),
+                                   os.path.join(out_dir, "study_rprobe.png"))
+    return files
+
+
+def write(output_dir: str, quiet: bool = False) -> Dict:
+    plan = _plan(output_dir)
+    paths = {}
+    if os.path.isfile(os.path.join(output_dir, "paths.json")):
+        with open(os.path.join(output_dir, "paths.json"), encoding="utf-8") as f:
+            paths = json.load(f)
+    seeds = [collect_seed(output_dir, plan, seed, paths) for seed in plan.seeds]
+    summary = summarise(seeds, plan)
+    units_dir = os.path.join(output_dir, "units")
+    units = {}
+    if os.path.isdir(units_dir):
+        for name in sorted(os.listdir(units_dir)):
+            with open(os.path.join(units_dir, name), encoding="utf-8") as f:
+                record = json.load(f)
+            units[record["name"]] = {"seconds": record["seconds"], "finished": record["finished"],
+                                     "command": record["argv"]}
+    wall = None
+    wall_file = os.path.join(output_dir, "wall_seconds.json")
+    if os.path.isfile(wall_file):
+        with open(wall_file, encoding="utf-8") as f:
+            wall = json.load(f)
+    assets = {}
+    for key in ("tower_report", "lm_report"):
+        if paths.get(key) and os.path.isfile(paths[key]):
+            with open(paths[key], encoding="utf-8") as f:
+                report = json.load(f)
+            assets[key] = {k: report.get(k) for k in ("settings", "char_accuracy", "string_accuracy",
+                                                      "heldout_perplexity", "key")}
+    result = {
+        "what": "llava-dsl study: single layer vs naive multi-layer vs Detached Skip-Links on locally pretrained "
+                "tiny parts reading rendered digit strings, per seed, through the package's entry points",
+        "plan": plan.to_json(), "assets": assets,
+        "rules": {"spike": {"window": stats.SPIKE_WINDOW, "robust_z": stats.SPIKE_ROBUST_Z,
+                            "min_relative": stats.SPIKE_MIN_RELATIVE},
+                  "bootstrap": {"resamples": stats.BOOTSTRAP_RESAMPLES, "seed": stats.BOOTSTRAP_SEED, "level": 0.95},
+                  "verdicts": __import__("llava_dsl.study.analysis", fromlist=["x"]).__doc__.split("\n\n")[1]},
+        "seeds": seeds, "summary": summary, "units": units, "wall": wall,
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_now": list(os.getloadavg())},
+    }
+    # the per-step loss series stay in the JSON; the markdown gets the tables
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(result, indent=1))
+    markdown = tables(result)
+    atomic_write_text(os.path.join(output_dir, "results.md"), markdown)
+    result["figures"] = figures(result, os.path.join(output_dir, "figures"))
+    if not quiet:
+        print(markdown)
+    return result

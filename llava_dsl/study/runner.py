@@ -1,0 +1,227 @@
+"""Runs the study's units through the package's own command lines, one subprocess each, skipping finished ones.
+
+A *unit* is one command (a training stage, a fixed-theta measurement, an evaluation, an R-Probe comparison) for
+one seed. When it exits 0 its record (command, seconds, time) is written to ``OUTPUT_DIR/units/<name>.json``;
+a rerun of the same study skips every unit that has a record, so a crash or a kill loses at most the unit
+that was running (the training stages also resume from their own checkpoints). The plan is written to
+``OUTPUT_DIR/plan.json`` on the first run, and a rerun with a different plan is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Sequence
+
+from llava_dsl.checkpointing.atomic import atomic_write_text
+from llava_dsl.study.plan import ARMS, SHORT, Plan
+
+MARKER = "LLAVA_DSL_STUDY"
+
+
+class StudyError(RuntimeError):
+    """A study step that failed or cannot run; the message names the step, its log or the value."""
+
+
+_print_lock = threading.Lock()
+
+
+def say(message: str) -> None:
+    with _print_lock:
+        print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def flags(values: Dict[str, object]) -> List[str]:
+    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]
+
+
+def child_env(device: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny matrices: a second thread only adds contention
+    env.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+class Units:
+    """Runs units as subprocesses with logs under ``logs/``; records finished ones under ``units/``."""
+
+    def __init__(self, output_dir: str, device: str):
+        self.output_dir = output_dir
+        self.log_dir = os.path.join(output_dir, "logs")
+        self.record_dir = os.path.join(output_dir, "units")
+        self.env = child_env(device)
+        os.makedirs(self.log_dir, exist_ok=True)
+        os.makedirs(self.record_dir, exist_ok=True)
+
+    def record(self, name: str) -> Optional[Dict]:
+        path = os.path.join(self.record_dir, f"{name}.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def run(self, name: str, argv: Sequence[str], clear: Sequence[str] = ()) -> Dict:
+        """Run ``argv`` unless ``name`` already finished with the same command; ``clear``: folders to remove
+        before a fresh (not resumed) start."""
+        argv = [str(a) for a in argv]
+        done = self.record(name)
+        if done is not None:
+            if done["argv"] != argv:
+                raise StudyError(f"unit {name}: finished earlier with another command than this plan gives;\n"
+                                 f"  recorded: {shlex.join(done['argv'])}\n  now:      {shlex.join(argv)}\n"
+                                 f"use a new --output_dir, or delete {self.record_dir}/{name}.json to rerun it")
+            return done
+        for folder in clear:
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+        log_path = os.path.join(self.log_dir, f"{name}.log")
+        say(f"{name}: start (log {log_path})")
+        started = time.time()
+        with open(log_path, "ab") as log:
+            log.write((f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + shlex.join(argv) + "\n\n").encode())
+            log.flush()
+            code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        seconds = time.time() - started
+        if code != 0:
+            raise StudyError(f"unit {name} failed (exit code {code}) after {seconds:.0f}s; its output is in "
+                             f"{log_path}\nlast lines:\n{tail(log_path)}")
+        record = {"name": name, "argv": argv, "seconds": round(seconds, 1),
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_end": list(os.getloadavg())}
+        atomic_write_text(os.path.join(self.record_dir, f"{name}.json"), json.dumps(record, indent=1))
+        say(f"{name}: done in {seconds:.0f}s")
+        return record
+
+
+def tail(path: str, lines: int = 15) -> str:
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    kept = [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-lines:]
+    return "\n".join("  " + line for line in kept)
+
+
+# ------------------------------------------------------------------------------------------ command lines
+
+def train_flags(plan: Plan, paths: Dict[str, str], projector: str, stage: int, output_dir: str, seed: int,
+                adapter: Optional[str] = None) -> List[str]:
+    """LLaVA-1.5's train.py flags for one stage of one arm: the same for every arm except the projector."""
+    values = {
+        "model_name_or_path": paths["llm"], "vision_tower": paths["vision_tower"],
+        "version": "plain" if stage == 1 else "v1",
+        "data_path": paths["pretrain"] if stage == 1 else paths["finetune"], "image_folder": paths["image_folder"],
+        "mm_projector_type": projector, "mm_vision_select_layer": -2,
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
+        "group_by_modality_length": False, "max_steps": plan.stage1_steps if stage == 1 else plan.stage2_steps,
+        "per_device_train_batch_size": plan.batch_size, "gradient_accumulation_steps": 1,
+        "learning_rate": plan.stage1_lr if stage == 1 else plan.stage2_lr, "weight_decay": 0.0,
+        "warmup_ratio": 0.03, "lr_scheduler_type": "cosine", "logging_steps": 1,
+        "model_max_length": 256, "bf16": False, "tf32": False, "dataloader_num_workers": 0,
+        "lazy_preprocess": True, "report_to": "none", "seed": seed, "output_dir": output_dir,
+    }
+    if projector != "mlp2x_gelu":
+        values["mm_vision_skip_layers"] = plan.skip_layers
+    if projector.startswith("detached_"):
+        values["mm_vision_detach_depth"] = plan.detach_depth
+    if stage == 1:
+        values.update(tune_mm_mlp_adapter=True, save_strategy="no")
+    else:
+        # a checkpoint in the middle: the fixed-theta measurement's second point, and where a killed run resumes
+        values.update(pretrain_mm_mlp_adapter=adapter, unfreeze_mm_vision_tower=True, mm_vision_tower_lr=plan.tower_lr,
+                      save_strategy="steps", save_steps=plan.mid_step, save_total_limit=None)
+        if projector != "mlp2x_gelu":  # a single-layer projector has no skip path to measure
+            values.update(dsl_grad_stats_dense_steps=plan.grad_dense_steps, dsl_grad_stats_every=plan.grad_every,
+                          dsl_grad_stats_window=plan.grad_window)
+    return flags(values)
+
+
+def fixed_theta_flags(plan: Plan, paths: Dict[str, str], projector: str, output_dir: str, seed: int,
+                      model: Optional[str], adapter: Optional[str]) -> List[str]:
+    """The stage-2 command at learning rate 0 (LLM, projector and tower): AdamW then leaves every weight where it
+    is (p <- p - 0 * update, decay 0), so the splitter sees ``fixed_theta_steps`` minibatches at one theta.
+
+    ``model``: a stage-2 checkpoint (its config loads the trained tower and projector), or None for the
+    stage-2 start (the LLM, the pretrained tower and the stage-1 ``adapter``)."""
+    values = {
+        "model_name_or_path": model or paths["llm"], "vision_tower": paths["vision_tower"], "version": "v1",
+        "data_path": paths["finetune"], "image_folder": paths["image_folder"], "mm_projector_type": projector,
+        "mm_vision_select_layer": -2, "mm_vision_skip_layers": plan.skip_layers,
+        "mm_vision_detach_depth": plan.detach_depth if projector.startswith("detached_") else None,
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
+        "group_by_modality_length": False, "max_steps": plan.fixed_theta_steps,
+        "per_device_train_batch_size": plan.batch_size, "gradient_accumulation_steps": 1,
+        "learning_rate": 0.0, "weight_decay": 0.0, "lr_scheduler_type": "constant", "logging_steps": 1,
+        "save_strategy": "no", "model_max_length": 256, "bf16": False, "tf32": False,
+        "dataloader_num_workers": 0, "lazy_preprocess": True, "report_to": "none", "seed": seed,
+        "output_dir": output_dir, "pretrain_mm_mlp_adapter": adapter if model is None else None,
+        "unfreeze_mm_vision_tower": True, "mm_vision_tower_lr": 0.0,
+        "dsl_grad_stats_dense_steps": plan.fixed_theta_steps, "dsl_grad_stats_window": plan.fixed_theta_steps,
+    }
+    return flags(values)
+
+
+def stage_dir(output_dir: str, seed: int, projector: str, stage: int) -> str:
+    # LLaVA's loader treats a folder as multimodal only if its name contains "llava"
+    name = "multi" if stage == 1 and projector != "mlp2x_gelu" else SHORT[projector]
+    return os.path.join(output_dir, "runs", f"seed{seed}", f"llava-{name}-stage{stage}")
+
+
+def fixed_dir(output_dir: str, seed: int, point: str, projector: str) -> str:
+    name = "start" if point == "start" else f"{point}-{SHORT[projector]}"
+    return os.path.join(output_dir, "runs", f"seed{seed}", f"llava-fixed-{name}")
+
+
+def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None:
+    """Every unit of one seed, in order: stage 1, stage 2 per arm, fixed theta, answers, R-Probe."""
+    python = sys.executable
+    out = units.output_dir
+    adapters = {}
+    for kind, projector in (("single", "mlp2x_gelu"), ("multi", "mlp_multilayer")):
+        folder = stage_dir(out, seed, projector, 1)
+        units.run(f"seed{seed}-stage1-{kind}", [python, "-m", "llava_dsl.train"]
+                  + train_flags(plan, paths, projector, 1, folder, seed), clear=[folder])
+        adapters[kind] = os.path.join(folder, "mm_projector.bin")
+        if not os.path.isfile(adapters[kind]):
+            raise StudyError(f"{adapters[kind]}: stage 1 wrote no adapter; see {units.log_dir}")
+    for projector in ARMS:
+        folder = stage_dir(out, seed, projector, 2)
+        adapter = adapters["single" if projector == "mlp2x_gelu" else "multi"]
+        # not cleared: a killed stage 2 resumes from its mid checkpoint
+        units.run(f"seed{seed}-stage2-{SHORT[projector]}", [python, "-m", "llava_dsl.train"]
+                  + train_flags(plan, paths, projector, 2, folder, seed, adapter))
+    for point in plan.fixed_theta_points:
+        arms = ("mlp_multilayer",) if point == "start" else ("mlp_multilayer", "detached_mlp_multilayer")
+        for projector in arms:
+            if point == "start":
+                model, adapter = None, adapters["multi"]
+            else:
+                stage2 = stage_dir(out, seed, projector, 2)
+                model = stage2 if point == "end" else os.path.join(stage2, f"checkpoint-{plan.mid_step}")
+                adapter = None
+            folder = fixed_dir(out, seed, point, projector)
+            name = f"seed{seed}-fixed-{point}" + ("" if point == "start" else f"-{SHORT[projector]}")
+            units.run(name, [python, "-m", "llava_dsl.train"]
+                      + fixed_theta_flags(plan, paths, projector, folder, seed, model, adapter), clear=[folder])
+    for projector in ARMS:
+        folder = os.path.join(out, "eval", f"seed{seed}", SHORT[projector])
+        units.run(f"seed{seed}-eval-{SHORT[projector]}",
+                  [python, "-m", "llava_dsl.evaluate", "textvqa", "--model-path", stage_dir(out, seed, projector, 2),
+                   "--data-dir", paths["textvqa_dir"], "--output-dir", folder, "--device", plan.device,
+                   "--dtype", "float32", "--max_new_tokens", str(plan.max_new_tokens), "--protocol", "plain"])
+    probe_dir = os.path.join(out, "rprobe", f"seed{seed}")
+    units.run(f"seed{seed}-rprobe",
+              [python, "-m", "llava_dsl.rprobe", "compare", "--checkpoints",
+               *[stage_dir(out, seed, p, 2) for p in ARMS]] + flags({
+                  "data-path": paths["pretrain"], "image-folder": paths["image_folder"],
+                  "eval-data-path": paths["heldout"], "eval-image-folder": paths["heldout_images"],
+                  "steps": plan.probe_steps, "batch-size": plan.probe_batch_size, "learning-rate": plan.probe_lr,
+                  "warmup-steps": max(1, plan.probe_steps // 10), "eval-every": plan.probe_eval_every,
+                  "threshold-fraction": plan.probe_threshold_fraction, "seed": seed, "device": plan.device,
+                  "cache-images": True, "grid-images": 4, "output-dir": probe_dir}))

@@ -1,0 +1,82 @@
+"""The regime search: short naive runs (stage 1, then joint stage 2 with every step measured) under a few
+settings, scored ONLY by their gradient statistics, never by accuracy.
+
+Rule, fixed before any run: the study uses the candidate whose shallowest block group has the largest median
+tr(Cov skip) / tr(Cov main) over the stage-2 windows (the paper's c, which it says is >> 1 early in joint
+training); ties go to the earlier (cheaper) candidate. The candidates and the budget are constants here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List
+
+from llava_dsl.checkpointing.atomic import atomic_write_text
+from llava_dsl.study import stats
+from llava_dsl.study.analysis import shallow_group, skip_groups
+from llava_dsl.study.plan import Plan
+from llava_dsl.study.runner import Units, flags, say, train_flags
+
+# Each candidate changes one thing at a time from the first; why each is tried is in docs/study.md.
+CANDIDATES = (
+    {"name": "dense-taps234-lr1e-4", "tower_variant": "dense", "skip_layers": "2,3,4", "detach_depth": 2,
+     "tower_lr": 1e-4, "why": "the demo's taps and tower LR on the dense tower (no slot head)"},
+    {"name": "dense-taps1234-lr1e-4", "tower_variant": "dense", "skip_layers": "1,2,3,4", "detach_depth": 3,
+     "tower_lr": 1e-4, "why": "more and shallower taps: block 1 gets its own tap"},
+    {"name": "dense-taps1234-lr1e-3", "tower_variant": "dense", "skip_layers": "1,2,3,4", "detach_depth": 3,
+     "tower_lr": 1e-3, "why": "the same with a 10x higher tower LR (the tower moves, the skip gradient is applied)"},
+)
+
+SEARCH_STEPS = {"stage1_steps": 30, "stage2_steps": 40, "window": 10}
+
+
+def candidate_plan(base: Plan, candidate: Dict) -> Plan:
+    from dataclasses import replace
+
+    return replace(base, tower_variant=candidate["tower_variant"], skip_layers=candidate["skip_layers"],
+                   detach_depth=candidate["detach_depth"], tower_lr=candidate["tower_lr"],
+                   stage1_steps=SEARCH_STEPS["stage1_steps"], stage2_steps=SEARCH_STEPS["stage2_steps"],
+                   grad_dense_steps=SEARCH_STEPS["stage2_steps"], grad_every=0, grad_window=SEARCH_STEPS["window"])
+
+
+def score(grad: Dict) -> Dict:
+    group = shallow_group(grad)
+    rows = {}
+    for name in skip_groups(grad):
+        windows = [w["groups"][name] for w in grad["windows"] if name in w["groups"]]
+        rows[name] = {key: [w.get(key) for w in windows] for key in
+                      ("trcov_ratio", "cos_mean", "snr_main", "snr_full", "norm_main", "norm_skip")}
+        rows[name]["median_trcov_ratio"] = stats.median(rows[name]["trcov_ratio"])
+    return {"shallow_group": group, "median_trcov_ratio": rows[group]["median_trcov_ratio"], "groups": rows}
+
+
+def run_search(output_dir: str, base: Plan, paths_for) -> Dict:
+    """``paths_for(variant)``: the assets and data paths for a tower variant (built on first use)."""
+    units = Units(os.path.join(output_dir, "search"), base.device)
+    python = sys.executable
+    results: List[Dict] = []
+    for candidate in CANDIDATES:
+        plan = candidate_plan(base, candidate)
+        paths = paths_for(plan)
+        runs = os.path.join(units.output_dir, "runs")
+        key = f"{candidate['tower_variant']}-taps{candidate['skip_layers'].replace(',', '')}"
+        stage1 = os.path.join(runs, f"llava-{key}-stage1")
+        units.run(f"stage1-{key}", [python, "-m", "llava_dsl.train"]
+                  + train_flags(plan, paths, "mlp_multilayer", 1, stage1, 0), clear=[stage1])
+        stage2 = os.path.join(runs, f"llava-{candidate['name']}-stage2")
+        argv = [python, "-m", "llava_dsl.train"] + train_flags(plan, paths, "mlp_multilayer", 2, stage2, 0,
+                                                               os.path.join(stage1, "mm_projector.bin"))
+        units.run(f"stage2-{candidate['name']}", argv + flags({"save_strategy": "no"}), clear=[stage2])
+        with open(os.path.join(stage2, "dsl_grad_stats.json"), encoding="utf-8") as f:
+            grad = json.load(f)
+        result = {**candidate, **score(grad), "seconds": units.record(f"stage2-{candidate['name']}")["seconds"]}
+        results.append(result)
+        say(f"search {candidate['name']}: shallowest group {result['shallow_group']}, median tr(Cov) ratio "
+            f"{result['median_trcov_ratio']:.3f}")
+    best = max(range(len(results)), key=lambda i: (results[i]["median_trcov_ratio"], -i))
+    report = {"rule": __doc__.split("\n\n")[1].replace("\n", " "), "steps": SEARCH_STEPS,
+              "candidates": results, "chosen": results[best]["name"]}
+    atomic_write_text(os.path.join(units.output_dir, "search.json"), json.dumps(report, indent=1))
+    say(f"search: chosen {report['chosen']} ({os.path.join(units.output_dir, 'search.json')})")
+    return report

@@ -1,0 +1,82 @@
+"""The study's statistics: each test fails if the rule it checks is wrong (fast, no models)."""
+import math
+import random
+
+import pytest
+
+from llava_dsl.study import stats
+
+
+def test_sign_test_exact_binomial():
+    # 5 of 5 positive: p = 2 * (1/2)^5
+    assert stats.sign_test([1, 2, 3, 4, 5])["p"] == pytest.approx(2 / 32)
+    # 3 positive, 1 negative: p = 2 * (C(4,0) + C(4,1)) / 16 = 10/16
+    result = stats.sign_test([0.1, 0.2, -0.3, 0.4])
+    assert (result["positive"], result["negative"]) == (3, 1)
+    assert result["p"] == pytest.approx(10 / 16)
+    # ties are dropped, balanced signs give p = 1, and p never exceeds 1
+    result = stats.sign_test([0.0, 1.0, -1.0])
+    assert result["ties"] == 1 and result["p"] == 1.0
+    assert stats.sign_test([0, 0])["p"] == 1.0
+    # 3 of 3 (the study's minimum seeds) can never reach p < 0.05: 2/8 = 0.25
+    assert stats.sign_test([1, 1, 1])["p"] == pytest.approx(0.25)
+
+
+def test_bootstrap_ci_covers_the_mean_and_matches_a_direct_resample():
+    values = [0.5, 1.5, 2.0, -0.5, 1.0]
+    ci = stats.bootstrap_ci(values, resamples=4000, seed=3)
+    assert ci["low"] <= ci["mean"] <= ci["high"]
+    assert ci["mean"] == pytest.approx(sum(values) / len(values))
+    # the same percentile bootstrap written out independently
+    rng = random.Random(3)
+    means = sorted(sum(rng.choice(values) for _ in range(5)) / 5 for _ in range(4000))
+    assert ci["low"] == means[100] and ci["high"] == means[3899]
+    # the interval is within the range of the values and narrower than it
+    assert min(values) <= ci["low"] and ci["high"] <= max(values)
+    assert ci["high"] - ci["low"] < max(values) - min(values)
+
+
+def test_bootstrap_ci_of_a_constant_is_a_point_and_of_a_shift_excludes_zero():
+    ci = stats.bootstrap_ci([2.0, 2.0, 2.0])
+    assert ci["low"] == ci["high"] == 2.0
+    ci = stats.bootstrap_ci([1.0, 1.2, 0.9, 1.1, 1.05, 0.95])
+    assert ci["low"] > 0
+    with pytest.raises(ValueError, match="no values"):
+        stats.bootstrap_ci([])
+
+
+def test_spike_rule_flags_a_jump_and_not_noise_or_a_slow_rise():
+    rng = random.Random(0)
+    noisy = [2.0 + rng.uniform(-0.05, 0.05) for _ in range(200)]
+    assert stats.loss_spikes(noisy) == []
+    jumped = list(noisy)
+    jumped[120] = 3.0
+    assert stats.loss_spikes(jumped) == [120]
+    # a steady decrease (training) has no spikes
+    assert stats.loss_spikes([3.0 * math.exp(-t / 50) for t in range(200)]) == []
+    # too small relative to the median: a 5 % jump on a flat series is not a spike even though its z is huge
+    flat = [1.0] * 40
+    flat[30] = 1.05
+    assert stats.loss_spikes(flat) == []
+    flat[30] = 1.2
+    assert stats.loss_spikes(flat) == [30]
+    # the first window never counts
+    early = [1.0] * 40
+    early[5] = 9.0
+    assert stats.loss_spikes(early) == []
+
+
+def test_paired_differences_keep_missing_seeds_visible():
+    result = stats.paired([1.0, 2.0, None], [1.5, 1.0, 3.0])
+    assert result["differences"] == [0.5, -1.0, None]
+    assert result["missing"] == 1
+    assert result["sign_test"]["positive"] == 1 and result["sign_test"]["negative"] == 1
+    with pytest.raises(ValueError, match="one per seed"):
+        stats.paired([1.0], [1.0, 2.0])
+
+
+def test_coefficient_of_variation_and_std():
+    assert stats.coefficient_of_variation([1.0, 1.0, 1.0]) == 0.0
+    assert stats.coefficient_of_variation([1.0, 3.0]) == pytest.approx(0.5)
+    assert stats.std([1.0, 3.0]) == pytest.approx(math.sqrt(2))
+    assert stats.coefficient_of_variation([5.0]) is None
