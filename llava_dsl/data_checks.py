@@ -135,7 +135,7 @@ class CheckedLazySupervisedDataset(_UPSTREAM_DATASET):
         self.source_index = [i for i in self.source_index if i not in refused]
         self.list_data_dict = [records[i] for i in self.source_index]
         say_once(f"skipping {len(bad)} malformed record(s) of {data_path} (--skip_bad_samples True), e.g. "
-                   + "; ".join(described[:EXAMPLES_KEPT]))
+                 + "; ".join(described[:EXAMPLES_KEPT]))
 
     def sample_id(self, index: int) -> str:
         record = self.list_data_dict[index]

@@ -91,7 +91,7 @@ def cpu_safe_deepspeed_argv(argv: List[str], cuda: bool) -> List[str]:
         encoded = base64.urlsafe_b64encode(json.dumps(config).encode("utf-8")).decode("ascii")
         argv[index] = encoded if index == i + 1 else f"--deepspeed={encoded}"
         say_once(f"ZeRO-3 on CPU: {path} with stage3_allgather_sequential=true (DeepSpeed's coalesced "
-                   f"all-gather races under gloo and can leave loaded weights stale)")
+                 f"all-gather races under gloo and can leave loaded weights stale)")
         return argv
     return argv
 
