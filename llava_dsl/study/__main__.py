@@ -87,15 +87,21 @@ def run_study(output_dir: str, plan: Plan, jobs: int, assets_root, override) -> 
     say(f"plan: {plan.to_json()}")
     units = Units(output_dir, plan.device)
     errors = []
+    report_lock = threading.Lock()
 
     def worker(seeds: Sequence[int]) -> None:
         for seed in seeds:
             try:
                 run_seed(units, plan, paths, seed)
-                write_report(output_dir, quiet=True)
             except Exception as error:  # noqa: BLE001 - reported below with the seed, the others go on
                 errors.append((seed, error))
                 say(f"seed {seed} stopped: {error}")
+                continue
+            try:
+                with report_lock:
+                    write_report(output_dir, quiet=True)  # partial results land as seeds finish
+            except Exception as error:  # noqa: BLE001 - the report is redone at the end
+                say(f"partial report after seed {seed} failed: {error!r}")
 
     # seeds are independent chains; `jobs` of them run side by side (each unit is one single-threaded process)
     lanes = [list(plan.seeds[i::jobs]) for i in range(min(jobs, len(plan.seeds)))]

@@ -159,6 +159,11 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
             row.update(first_loss=losses[0], final_loss=sum(tail) / len(tail), spikes=len(spikes),
                        spike_steps=[i + 1 for i in spikes], max_loss_after_warmup=max(losses[stats.SPIKE_WINDOW:])
                        if len(losses) > stats.SPIKE_WINDOW else None)
+        if paths.get("vision_tower") and os.path.isfile(os.path.join(folder, "config.json")):
+            # how far joint training moved the tower: > 0 shows the tower trained (and that the fixed-theta
+            # check below compares trained weights, not the pretrained ones)
+            moved = weights_unchanged([(paths["vision_tower"], "model.vision_tower.vision_tower.")], folder)
+            row["tower_change_from_pretrained"] = moved
         grad = _load(os.path.join(folder, "dsl_grad_stats.json"))
         if grad is not None:
             norms = tower_grad_norms(grad)

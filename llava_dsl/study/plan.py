@@ -27,7 +27,7 @@ REGIME = {"tower_variant": "dense", "skip_layers": "1,2,3,4", "detach_depth": 3,
 DEFAULT_SEEDS = (0, 1, 2)
 
 # Steps and data at --scale 1 (sized to run in the background on 2 shared CPU cores; docs/study.md has the times).
-BASE = {"stage1_steps": 40, "stage2_steps": 200, "fixed_theta_steps": 24, "probe_steps": 120, "eval_questions": 100}
+BASE = {"stage1_steps": 40, "stage2_steps": 150, "fixed_theta_steps": 16, "probe_steps": 100, "eval_questions": 64}
 
 
 class PlanError(ValueError):
@@ -105,11 +105,13 @@ def make_plan(scale: float = 1.0, seeds: Tuple[int, ...] = DEFAULT_SEEDS, device
         raise PlanError(f"--device {device!r}: expected cpu or cuda")
     regime = dict(REGIME if regime is None else regime)
     stage2 = max(4, round(BASE["stage2_steps"] * scale))
-    dense = max(2, min(stage2 // 4, round(40 * scale)))
+    dense = max(2, min(stage2 // 3, round(40 * scale)))
     return Plan(scale=float(scale), seeds=tuple(seeds), device=device, **regime,
                 stage1_steps=max(2, round(BASE["stage1_steps"] * scale)), stage2_steps=stage2,
                 grad_dense_steps=dense, grad_every=4, grad_window=10 if stage2 >= 40 else 2,
                 fixed_theta_steps=max(2, round(BASE["fixed_theta_steps"] * min(scale, 4))),
+                # the middle of stage 2 as a third fixed-theta point from scale 2 up (CPU time at scale 1)
+                fixed_theta_points=("start", "mid", "end") if scale >= 2 else ("start", "end"),
                 probe_steps=max(2, round(BASE["probe_steps"] * scale)),
                 probe_eval_every=max(1, round(10 * min(scale, 4))),
                 eval_questions=max(8, min(1000, round(BASE["eval_questions"] * scale))),

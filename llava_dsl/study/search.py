@@ -52,28 +52,41 @@ def score(grad: Dict) -> Dict:
 
 
 def run_search(output_dir: str, base: Plan, paths_for) -> Dict:
-    """``paths_for(variant)``: the assets and data paths for a tower variant (built on first use)."""
+    """``paths_for(plan)``: the assets and data paths for a candidate's tower variant (built on first use).
+
+    The stage-1 runs (one per tower and tap set) run side by side, then the candidates' stage-2 runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
     units = Units(os.path.join(output_dir, "search"), base.device)
     python = sys.executable
-    results: List[Dict] = []
-    for candidate in CANDIDATES:
-        plan = candidate_plan(base, candidate)
-        paths = paths_for(plan)
-        runs = os.path.join(units.output_dir, "runs")
+    runs = os.path.join(units.output_dir, "runs")
+    plans = [candidate_plan(base, c) for c in CANDIDATES]
+    paths = [paths_for(p) for p in plans]
+    stage1 = {}
+    for candidate, plan, where in zip(CANDIDATES, plans, paths):
         key = f"{candidate['tower_variant']}-taps{candidate['skip_layers'].replace(',', '')}"
-        stage1 = os.path.join(runs, f"llava-{key}-stage1")
-        units.run(f"stage1-{key}", [python, "-m", "llava_dsl.train"]
-                  + train_flags(plan, paths, "mlp_multilayer", 1, stage1, 0), clear=[stage1])
-        stage2 = os.path.join(runs, f"llava-{candidate['name']}-stage2")
-        argv = [python, "-m", "llava_dsl.train"] + train_flags(plan, paths, "mlp_multilayer", 2, stage2, 0,
-                                                               os.path.join(stage1, "mm_projector.bin"))
-        units.run(f"stage2-{candidate['name']}", argv + flags({"save_strategy": "no"}), clear=[stage2])
-        with open(os.path.join(stage2, "dsl_grad_stats.json"), encoding="utf-8") as f:
+        folder = os.path.join(runs, f"llava-{key}-stage1")
+        stage1.setdefault(key, (f"stage1-{key}", [python, "-m", "llava_dsl.train"]
+                                + train_flags(plan, where, "mlp_multilayer", 1, folder, 0), folder))
+    with ThreadPoolExecutor(max_workers=len(stage1)) as pool:
+        list(pool.map(lambda job: units.run(job[0], job[1], clear=[job[2]]), stage1.values()))
+
+    def stage2(index: int) -> Dict:
+        candidate, plan, where = CANDIDATES[index], plans[index], paths[index]
+        key = f"{candidate['tower_variant']}-taps{candidate['skip_layers'].replace(',', '')}"
+        folder = os.path.join(runs, f"llava-{candidate['name']}-stage2")
+        argv = [python, "-m", "llava_dsl.train"] + train_flags(
+            plan, where, "mlp_multilayer", 2, folder, 0, os.path.join(stage1[key][2], "mm_projector.bin"))
+        units.run(f"stage2-{candidate['name']}", argv + flags({"save_strategy": "no"}), clear=[folder])
+        with open(os.path.join(folder, "dsl_grad_stats.json"), encoding="utf-8") as f:
             grad = json.load(f)
         result = {**candidate, **score(grad), "seconds": units.record(f"stage2-{candidate['name']}")["seconds"]}
-        results.append(result)
         say(f"search {candidate['name']}: shallowest group {result['shallow_group']}, median tr(Cov) ratio "
             f"{result['median_trcov_ratio']:.3f}")
+        return result
+
+    with ThreadPoolExecutor(max_workers=len(CANDIDATES)) as pool:
+        results: List[Dict] = list(pool.map(stage2, range(len(CANDIDATES))))
     best = max(range(len(results)), key=lambda i: (results[i]["median_trcov_ratio"], -i))
     report = {"rule": __doc__.split("\n\n")[1].replace("\n", " "), "steps": SEARCH_STEPS,
               "candidates": results, "chosen": results[best]["name"]}
