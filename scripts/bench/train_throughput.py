@@ -38,11 +38,14 @@ TYPES = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
 def build_assets(out: str, args) -> dict:
     tokenizer = build_tokenizer(os.path.join(out, "tokenizer"))
     llm = build_language_model(os.path.join(out, "llm"), tokenizer, hidden_size=args.llm_hidden,
-                                           intermediate_size=args.llm_hidden * 4, num_layers=args.llm_layers,
-                                           num_heads=max(1, args.llm_hidden // 64))
-    tower = build_vision_tower(os.path.join(out, "tower"), image_size=args.image_size, patch_size=14,
-                                           hidden_size=args.vision_hidden, intermediate_size=args.vision_hidden * 4,
-                                           num_layers=args.vision_layers, num_heads=max(1, args.vision_hidden // 64))
+                                           intermediate_size=args.llm_intermediate or args.llm_hidden * 4,
+                                           num_layers=args.llm_layers,
+                                           num_heads=args.llm_heads or max(1, args.llm_hidden // 64))
+    tower = build_vision_tower(os.path.join(out, "tower"), image_size=args.image_size, patch_size=args.patch_size,
+                                           hidden_size=args.vision_hidden,
+                                           intermediate_size=args.vision_intermediate or args.vision_hidden * 4,
+                                           num_layers=args.vision_layers,
+                                           num_heads=args.vision_heads or max(1, args.vision_hidden // 64))
     data = write_llava_datasets(os.path.join(out, "data"), num_samples=args.samples,
                                             image_size=args.image_size)
     return {"llm": llm, "tower": tower, **data}
@@ -67,7 +70,8 @@ def run(assets: dict, projector: str, steps: int, out: str, args, timer_out: str
         "data_path": assets["finetune"], "image_folder": assets["image_folder"], "mm_projector_type": projector,
         "mm_vision_select_layer": -2, "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
         "image_aspect_ratio": "pad", "max_steps": steps, "per_device_train_batch_size": args.batch,
-        "learning_rate": 2e-5, "save_strategy": "no", "report_to": "none", "model_max_length": 512,
+        "learning_rate": 2e-5, "save_strategy": "no", "report_to": "none",
+        "model_max_length": args.model_max_length,
         "bf16": args.bf16, "tf32": False, "logging_steps": 1000, "dataloader_num_workers": 2,
         "lazy_preprocess": True, "output_dir": out, "unfreeze_mm_vision_tower": True, "mm_vision_tower_lr": 2e-6,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -89,7 +93,8 @@ def run_scripts(assets: dict, projector: str, steps: int, out: str, args, timer_
            "FINETUNE_DATA_PATH": assets["finetune"], "FINETUNE_IMAGE_FOLDER": assets["image_folder"],
            "PER_DEVICE_TRAIN_BATCH_SIZE": str(args.batch), "GRADIENT_ACCUMULATION_STEPS": "1",
            "PRETRAIN_GLOBAL_BATCH_SIZE": str(args.batch * args.num_gpus),
-           "FINETUNE_GLOBAL_BATCH_SIZE": str(args.batch * args.num_gpus), "MODEL_MAX_LENGTH": "512",
+           "FINETUNE_GLOBAL_BATCH_SIZE": str(args.batch * args.num_gpus),
+           "MODEL_MAX_LENGTH": str(args.model_max_length),
            "BF16": str(bool(args.bf16)), "GRADIENT_CHECKPOINTING": str(bool(args.gradient_checkpointing)),
            "SAVE_STRATEGY": "no", "LOGGING_STEPS": "1000", "RUN_NAME": f"llava-{projector}",
            "CHECKPOINT_ROOT": os.path.dirname(out), "FINETUNE_OUTPUT_DIR": out,
@@ -114,7 +119,7 @@ def run_scripts(assets: dict, projector: str, steps: int, out: str, args, timer_
             print(f"{script} {projector}: DeepSpeed reported allocator cache flushes {flushes} times", flush=True)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
@@ -128,6 +133,18 @@ def main(argv=None) -> None:
     parser.add_argument("--vision-layers", type=int, default=24)
     parser.add_argument("--llm-hidden", type=int, default=1024)
     parser.add_argument("--llm-layers", type=int, default=8)
+    # Full shapes (defaults: MLP 4x the width, heads of 64): LLaMA-7B is --llm-hidden 4096 --llm-intermediate 11008
+    # --llm-heads 32 (--llm-layers 32); CLIP-L/14-336 is the default tower (24 blocks, 1024 wide, 16 heads, MLP 4096,
+    # patch 14, 336 px: 577 tokens).
+    parser.add_argument("--llm-intermediate", type=int, default=None, help="LLM MLP width (default 4 x --llm-hidden)")
+    parser.add_argument("--llm-heads", type=int, default=None, help="LLM attention heads (default --llm-hidden / 64)")
+    parser.add_argument("--vision-intermediate", type=int, default=None,
+                        help="tower MLP width (default 4 x --vision-hidden)")
+    parser.add_argument("--vision-heads", type=int, default=None,
+                        help="tower attention heads (default --vision-hidden / 64)")
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--model-max-length", type=int, default=512,
+                        help="LLaVA's --model_max_length; 576 image tokens need more than the default to stay whole")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--attn-implementation", default=None)
@@ -137,7 +154,11 @@ def main(argv=None) -> None:
     parser.add_argument("--types", default=",".join(TYPES), help="comma-separated projector types to time")
     parser.add_argument("--via-scripts", action="store_true",
                         help="train through scripts/zero3/pretrain.sh + finetune.sh (ZeRO-3, deepspeed launcher)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps={args.steps} must exceed --warmup={args.warmup}: no step would be timed")
     if args.profile:
