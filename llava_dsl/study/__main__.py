@@ -30,6 +30,9 @@ def build_paths(output_dir: str, plan: Plan, assets_root: Optional[str], overrid
 
     if override.get("vision_tower") and override.get("llm"):
         models = {"vision_tower": os.path.abspath(override["vision_tower"]), "llm": os.path.abspath(override["llm"])}
+        for key, folder in (("tower_report", models["vision_tower"]), ("lm_report", models["llm"])):
+            if os.path.isfile(os.path.join(folder, "BUILD.json")):  # a folder of the asset cache: keep its report
+                models[key] = os.path.join(folder, "BUILD.json")
     else:
         from llava_dsl.assets.pretrained import build
 
@@ -165,7 +168,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             from llava_dsl.study.search import run_search
 
+            if os.path.isdir(output_dir) and os.listdir(output_dir) and \
+                    not os.path.isfile(os.path.join(output_dir, MARKER)):
+                raise StudyError(f"--output_dir {output_dir} is not empty and was not written by the study; "
+                                 f"choose a new or empty folder")
             os.makedirs(output_dir, exist_ok=True)
+            atomic_write_text(os.path.join(output_dir, MARKER),
+                              "written by python -m llava_dsl.study; rerunning the same command continues it\n")
 
             def paths_for(candidate: Plan) -> Dict:
                 folder = os.path.join(output_dir, "search", candidate.tower_variant)

@@ -195,7 +195,7 @@ def write(output_dir: str, quiet: bool = False) -> Dict:
             with open(paths[key], encoding="utf-8") as f:
                 report = json.load(f)
             assets[key] = {k: report.get(k) for k in ("settings", "char_accuracy", "string_accuracy",
-                                                      "heldout_perplexity", "key")}
+                                                      "heldout_perplexity", "heldout_head", "key", "build_seconds")}
     result = {
         "what": "llava-dsl study: single layer vs naive multi-layer vs Detached Skip-Links on locally pretrained "
                 "tiny parts reading rendered digit strings, per seed, through the package's entry points",
