@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# The venv's bin/ goes first on PATH so the tests and scripts find its `deepspeed` launcher.
+# The tests start python, deepspeed and shellcheck from beside the interpreter that runs them (tests/conftest.py),
+# so `.venv/bin/python -m pytest` works the same with any PATH.
 test: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # DEMO_SCALE=4 make demo: four times the steps and data; DEMO_ARGS="--output_dir DIR --seed N" for the rest.
 DEMO_ARGS ?=

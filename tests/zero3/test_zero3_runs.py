@@ -82,9 +82,9 @@ import os
 import torch
 from PIL import Image
 
-from llava_dsl import integration, train
+from llava_dsl import plugin, train
 
-_train = integration.DSLTrainer.train
+_train = plugin.DSLTrainer.train
 
 
 def train_then_record_logits(self, *args, **kwargs):
@@ -108,7 +108,7 @@ def train_then_record_logits(self, *args, **kwargs):
 
 
 PROMPT = "USER: <image>\\nWhat is written in the image? ASSISTANT:"
-integration.DSLTrainer.train = train_then_record_logits
+plugin.DSLTrainer.train = train_then_record_logits
 train.main()
 '''
 PROMPT = "USER: <image>\nWhat is written in the image? ASSISTANT:"
