@@ -196,7 +196,13 @@ def write(output_dir: str, quiet: bool = False) -> Dict:
                 report = json.load(f)
             assets[key] = {k: report.get(k) for k in ("settings", "char_accuracy", "string_accuracy",
                                                       "heldout_perplexity", "heldout_head", "key", "build_seconds")}
+    search = None
+    search_file = os.path.join(output_dir, "search", "search.json")
+    if os.path.isfile(search_file):
+        with open(search_file, encoding="utf-8") as f:
+            search = json.load(f)
     result = {
+        "regime_search": search,
         "what": "llava-dsl study: single layer vs naive multi-layer vs Detached Skip-Links on locally pretrained "
                 "tiny parts reading rendered digit strings, per seed, through the package's entry points",
         "plan": plan.to_json(), "assets": assets,

@@ -80,3 +80,27 @@ def test_coefficient_of_variation_and_std():
     assert stats.coefficient_of_variation([1.0, 3.0]) == pytest.approx(0.5)
     assert stats.std([1.0, 3.0]) == pytest.approx(math.sqrt(2))
     assert stats.coefficient_of_variation([5.0]) is None
+
+
+def test_verdicts_follow_the_ci_and_the_paper_side():
+    from llava_dsl.study.analysis import verdict_all, verdict_paired
+
+    # higher is better (accuracy): a CI above 0 reproduces, below 0 does not, across 0 is inconclusive
+    assert verdict_paired({"mean": 2.0, "low": 0.5, "high": 3.0}, +1) == "reproduces in direction"
+    assert verdict_paired({"mean": -2.0, "low": -3.0, "high": -0.5}, +1).startswith("does not")
+    assert verdict_paired({"mean": 1.0, "low": -0.5, "high": 2.0}, +1).startswith("inconclusive")
+    # lower is better (spikes, MSE): a CI below 0 reproduces
+    assert verdict_paired({"mean": -1.0, "low": -2.0, "high": -0.1}, -1) == "reproduces in direction"
+    assert verdict_all([3.0, 2.0, 1.5], lambda v: v > 1).startswith("reproduces")
+    assert verdict_all([0.5, 0.2], lambda v: v > 1).startswith("does not")
+    assert verdict_all([3.0, 0.5, None], lambda v: v > 1).startswith("inconclusive (1 of 2")
+
+
+def test_answers_are_normalised_before_exact_match():
+    from llava_dsl.study.analysis import char_accuracy, normalise_answer
+
+    assert normalise_answer(" 1234.") == "1234" == normalise_answer("12 34")
+    assert char_accuracy("1234", "1234") == 1.0
+    assert char_accuracy("1235", "1234") == 0.75
+    assert char_accuracy("12", "1234") == 0.5      # missing positions count wrong
+    assert char_accuracy("123456", "1234") == 4 / 6  # extra positions count wrong
