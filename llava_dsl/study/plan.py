@@ -27,7 +27,7 @@ REGIME = {"tower_variant": "dense", "skip_layers": "1,2,3,4", "detach_depth": 3,
 DEFAULT_SEEDS = (0, 1, 2)
 
 # Steps and data at --scale 1 (sized to run in the background on 2 shared CPU cores; docs/study.md has the times).
-BASE = {"stage1_steps": 40, "stage2_steps": 150, "fixed_theta_steps": 16, "probe_steps": 100, "eval_questions": 64}
+BASE = {"stage1_steps": 30, "stage2_steps": 120, "fixed_theta_steps": 16, "probe_steps": 80, "eval_questions": 48}
 
 
 class PlanError(ValueError):
