@@ -89,3 +89,37 @@ test: $(HF_STAMP) $(HF5_STAMP) test-hf
 
 clean-hf:
 	rm -rf $(VENV_HF) $(VENV_HF5)
+
+# Third environment for lmms-eval (docs/lmms_eval.md): lmms-eval 0.7.3 on transformers 5.24 and the same CPU torch,
+# pinned by scripts/lmms_eval/constraints.txt. torch goes first; lmms-eval goes in with --no-deps because its
+# declared torchvision has no build that loads beside the CPU torch (every other pairing pulls a CUDA torch);
+# scripts/lmms_eval/requirements.txt lists what its CLI, the llava_hf model and the OCR tasks import (decord and
+# filelock<4 included); check_env.py fails the build on a CUDA package, a torchvision or an import that breaks.
+# tests/lmms_eval imports llava_dsl from this checkout through PYTHONPATH; the lmms-eval process itself does not.
+VENV_LMMS ?= .venv-lmms
+LMMS_STAMP := $(VENV_LMMS)/.llava-dsl-lmms-installed
+LMMS_PIP := $(VENV_LMMS)/bin/python -m pip install --quiet -c scripts/lmms_eval/constraints.txt
+LMMS_PYTEST_ARGS ?=
+
+.PHONY: venv-lmms test-lmms clean-lmms
+
+venv-lmms: $(LMMS_STAMP)
+
+$(LMMS_STAMP): scripts/lmms_eval/constraints.txt scripts/lmms_eval/requirements.txt scripts/lmms_eval/check_env.py
+	$(PYTHON) -m venv $(VENV_LMMS)
+	echo '*' > $(VENV_LMMS)/.gitignore
+	$(VENV_LMMS)/bin/python -m pip install --quiet --upgrade pip
+	$(LMMS_PIP) torch==2.13.0
+	$(LMMS_PIP) --no-deps lmms-eval
+	$(LMMS_PIP) -r scripts/lmms_eval/requirements.txt
+	OMP_NUM_THREADS=1 $(VENV_LMMS)/bin/python scripts/lmms_eval/check_env.py
+	touch $(LMMS_STAMP)
+
+# tests/lmms_eval: lmms-eval's CLI on a tiny DSL checkpoint, scores equal to llava_dsl.evaluate's on the same answers.
+test-lmms: $(LMMS_STAMP)
+	OMP_NUM_THREADS=1 PYTHONPATH="$(CURDIR)" $(VENV_LMMS)/bin/python -m pytest tests/lmms_eval $(LMMS_PYTEST_ARGS)
+
+test: test-lmms
+
+clean-lmms:
+	rm -rf $(VENV_LMMS)
