@@ -15,7 +15,9 @@
 #     llava-torch 1.2.2.post1 and bitsandbytes (only its CUDA 13 and CPU libraries kept, to fit the 64 MiB the
 #     device tool carries). This checkout is put on the venv's path (a .pth line): the equivalent of `pip install -e .`
 #     without a build step. flash-attn is not installed (it compiles for minutes); it is used only if the
-#     machine's python3 already has it.
+#     machine's python3 already has it. The machine's other packages stay visible behind the venv's: one that
+#     transformers 4.37 imports optionally and that needs a newer huggingface_hub (a recent `datasets`, absent from
+#     the project's GPU image) would break the imports; `check` runs that import chain and names it.
 #   online (no wheels, or GPU_ENV_ONLINE=1; a cluster with the index): README's install section, in a fresh venv:
 #     torch==2.13.0 (resolves to a CUDA build on a CUDA machine), deepspeed with --no-build-isolation,
 #     llava-torch --no-deps, the package with [test], bitsandbytes.
@@ -101,11 +103,13 @@ install_offline() {
         "$BASE_PYTHON" -m venv --without-pip "$GPU_VENV"
         pip=("$BASE_PYTHON" -m pip --python "$GPU_VENV/bin/python")
     fi
+    "${pip[@]}" install --quiet --no-index --no-deps --no-compile --disable-pip-version-check "$GPU_WHEELS"/*.whl
+    # Only now (pip would otherwise take a package of the same version in the machine's site-packages as installed,
+    # and skip it): the machine's CUDA torch and everything else it has, AFTER the venv's own packages, so the
+    # pinned transformers, accelerate, peft... win over the machine's newer ones; and this checkout.
     venv_site=$(site_packages "$GPU_VENV/bin/python")
-    # after the venv's own packages: the machine's CUDA torch (and whatever else it has) without its transformers winning
     printf 'import site; site.addsitedir(%s)\n' "'$base_site'" >"$venv_site/zz_gpu_base_site.pth"
     printf '%s\n' "$ROOT" >"$venv_site/llava_dsl_checkout.pth"
-    "${pip[@]}" install --quiet --no-index --no-deps --no-compile --disable-pip-version-check "$GPU_WHEELS"/*.whl
 }
 
 install_online() {
@@ -138,6 +142,13 @@ for name in ("transformers", "tokenizers", "accelerate", "peft", "deepspeed", "l
     except Exception as error:
         print(f"{name}: import fails: {error.__class__.__name__}: {error}")
 print(f"deepspeed launcher: {shutil.which('deepspeed')}")
+# the chain the suite's training runs import: a machine package that transformers 4.37 imports optionally and that
+# needs a newer stack (a recent `datasets`, say) breaks it here, named, instead of in every part
+import llava_dsl
+llava_dsl.register()
+import llava.train.train  # noqa: F401
+from transformers import Trainer  # noqa: F401
+print("training imports: ok (llava_dsl.register, llava.train.train, transformers.Trainer)")
 EOF
 }
 
@@ -156,7 +167,10 @@ install() {
         fi
         touch "$GPU_VENV/.llava-dsl-gpu-ready"
     fi
-    check
+    check || {
+        printf 'environment built in %d s, but its check failed (above): %s\n' $((SECONDS - began)) "$GPU_VENV/bin/python"
+        return 3
+    }
     printf 'environment ready in %d s: %s\n' $((SECONDS - began)) "$GPU_VENV/bin/python"
 }
 

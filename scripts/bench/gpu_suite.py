@@ -26,7 +26,6 @@ skipped with the reason. Work files (model weights: GBs at 7B widths) go to --wo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ PARTS = ("rprobe", "dpvr", "gpu_tests", "joint")
 TITLES = {"joint": "1. Joint stage 2 at 7B shapes (ZeRO-3, finetune.sh)", "gpu_tests": "2. pytest -m gpu",
           "rprobe": "3. R-Probe cost", "dpvr": "4. DPVR-LF at 7B widths"}
 # seconds per part on the GPU (the suite's target is under ~9 minutes including the environment)
-GPU_BUDGETS = {"rprobe": 50, "dpvr": 60, "gpu_tests": 110, "joint": 280}
+GPU_BUDGETS = {"rprobe": 50, "dpvr": 60, "gpu_tests": 110, "joint": 260}
 DRY_BUDGETS = {"rprobe": 120, "dpvr": 120, "gpu_tests": 120, "joint": 600}
 # dense bf16 peak of the SXM parts (vendor datasheets); MFU is left out on other devices unless --peak-tflops is given
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0, "A800": 312.0}
@@ -124,7 +123,8 @@ def machine_info() -> dict:
              "     'transformers': transformers.__version__, 'cpu': platform.processor() or platform.machine()}\n"
              "if d['cuda']:\n"
              "    p = torch.cuda.get_device_properties(0)\n"
-             "    d.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), capability=f'{p.major}.{p.minor}')\n"
+             "    d.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),\n"
+             "             capability=f'{p.major}.{p.minor}')\n"
              "for m in ('deepspeed', 'flash_attn', 'bitsandbytes', 'peft', 'accelerate', 'llava'):\n"
              "    spec = u.find_spec(m)\n"
              "    d[m] = None\n"
@@ -285,7 +285,8 @@ def part_joint(args, out_json: Path, deadline: float) -> None:
              "--llm-layers", str(max(shape["depths"])), "--llm-intermediate", str(shape["llm_intermediate"]),
              "--llm-heads", str(shape["llm_heads"]), "--model-max-length", str(shape["model_max_length"]),
              "--attn-implementation", "sdpa", "--num-gpus", "1", "--master-port", str(args.master_port),
-             "--types", f"{STOCK},{DETACHED}", "--via-scripts", "--gradient-checkpointing"]
+             "--types", f"{STOCK},{DETACHED}", "--via-scripts", "--gradient-checkpointing",
+             "--train-module", "suite_timer"]
     if not args.dry_run:
         flags.append("--bf16")
     targs = tt.build_parser().parse_args(flags)
@@ -354,7 +355,7 @@ def part_joint(args, out_json: Path, deadline: float) -> None:
             "depth": depth, "projector": projector, "launch_to_exit_s": round(seconds, 1),
             "median_step_s": statistics.median(steps), "timed_steps": len(steps),
             "step_s": timed["step_s"], "median_between_s": statistics.median(timed["between_s"][shape["warmup"]:start]),
-            "kernel_s_per_step": timed.get("profiled_device_s_per_step"),
+            "kernel_s_per_step": timed.get("profiled_device_s_per_step") or None,  # 0 on a CPU: no device events
             "host_s_per_step_profiled": timed.get("profiled_host_s_per_step"),
             "memory": timed.get("memory", {}), "profile_table": profile_dst.name if profile_src.exists() else None,
         })
@@ -364,52 +365,59 @@ def part_joint(args, out_json: Path, deadline: float) -> None:
 
 
 def summarise_joint(data: dict, device: str, peak: Optional[float], dry: bool) -> dict:
+    """Per depth and type; per LLM layer from two depths of the same type (else FLOPs-scaled, and said so)."""
     runs = {(r["depth"], r["projector"]): r for r in data.get("runs", [])}
-    shape = data["shape"]
-    depths = [d for d in shape["depths"] if (d, STOCK) in runs and (d, DETACHED) in runs]
     summary = {"per_depth": {}, "per_layer": {}, "extrapolated_32": {}}
-    for d in depths:
+    for d in data["shape"]["depths"]:
         row = {}
         for p in (STOCK, DETACHED):
+            if (d, p) not in runs:
+                continue
             r, flops = runs[(d, p)], data["flops"][f"{p}@{d}"]
             row[p] = {"median_step_s": r["median_step_s"], "kernel_s_per_step": r["kernel_s_per_step"],
                       "peak_allocated_gib": r["memory"].get("max_allocated_gib"),
                       "tokens_per_s": flops["tokens_per_step"] / r["median_step_s"],
                       "model_tflops_per_step": flops["total"] / 1e12,
                       "mfu": flops["total"] / r["median_step_s"] / peak if peak else None}
-        row["throughput_ratio"] = row[STOCK]["median_step_s"] / row[DETACHED]["median_step_s"]
-        k_stock, k_det = row[STOCK]["kernel_s_per_step"], row[DETACHED]["kernel_s_per_step"]
-        row["kernel_ratio"] = k_stock / k_det if k_stock and k_det else None
+        if not row:
+            continue
+        if STOCK in row and DETACHED in row:
+            row["throughput_ratio"] = row[STOCK]["median_step_s"] / row[DETACHED]["median_step_s"]
+            k_stock, k_det = row[STOCK]["kernel_s_per_step"], row[DETACHED]["kernel_s_per_step"]
+            row["kernel_ratio"] = k_stock / k_det if k_stock and k_det else None
         summary["per_depth"][d] = row
-    if len(depths) >= 2:
-        hi, lo = max(depths), min(depths)
-        for p in (STOCK, DETACHED):
+    for p in (STOCK, DETACHED):
+        ran = sorted(d for d in summary["per_depth"] if p in summary["per_depth"][d])
+        flops = data["flops"][f"{p}@{FULL_DEPTH}"]
+        if len(ran) >= 2:
+            hi, lo = ran[-1], ran[0]
             a, b = summary["per_depth"][hi][p], summary["per_depth"][lo][p]
-            per = {}
-            for key in ("median_step_s", "kernel_s_per_step", "peak_allocated_gib"):
-                if a[key] is not None and b[key] is not None:
-                    per[key] = (a[key] - b[key]) / (hi - lo)
+            per = {key: (a[key] - b[key]) / (hi - lo) for key in ("median_step_s", "kernel_s_per_step",
+                                                                 "peak_allocated_gib")
+                   if a[key] is not None and b[key] is not None}
             summary["per_layer"][p] = per
             ext = {key: a[key] + (FULL_DEPTH - hi) * per[key] for key in per}
-            flops = data["flops"][f"{p}@{FULL_DEPTH}"]
-            if "median_step_s" in ext:
-                ext["tokens_per_s"] = flops["tokens_per_step"] / ext["median_step_s"]
-                ext["mfu"] = flops["total"] / ext["median_step_s"] / peak if peak else None
-            summary["extrapolated_32"][p] = ext
-        e_stock, e_det = summary["extrapolated_32"][STOCK], summary["extrapolated_32"][DETACHED]
-        if "median_step_s" in e_stock and "median_step_s" in e_det:
-            summary["extrapolated_32"]["throughput_ratio"] = e_stock["median_step_s"] / e_det["median_step_s"]
-        if e_stock.get("kernel_s_per_step") and e_det.get("kernel_s_per_step"):
-            summary["extrapolated_32"]["kernel_ratio"] = e_stock["kernel_s_per_step"] / e_det["kernel_s_per_step"]
-    elif depths:  # one depth: scale by model FLOPs (constant MFU), said so in the report
-        d = depths[0]
-        for p in (STOCK, DETACHED):
-            scale = data["flops"][f"{p}@{FULL_DEPTH}"]["total"] / data["flops"][f"{p}@{d}"]["total"]
-            summary["extrapolated_32"][p] = {"median_step_s": summary["per_depth"][d][p]["median_step_s"] * scale,
-                                             "method": "FLOPs-scaled from one depth"}
-    headline = summary["per_depth"][depths[0]]["throughput_ratio"] if depths else None
-    summary["headline"] = headline
-    summary["verdict"] = verdict(headline, 0.98, True, dry)
+            ext["method"] = f"measured at {hi} layers + {FULL_DEPTH - hi} x the per-layer difference of {hi} vs {lo}"
+        elif ran:
+            d = ran[0]
+            scale = flops["total"] / data["flops"][f"{p}@{d}"]["total"]
+            ext = {"median_step_s": summary["per_depth"][d][p]["median_step_s"] * scale,
+                   "method": f"FLOPs-scaled from {d} layers (constant MFU assumed): one depth only"}
+        else:
+            continue
+        if "median_step_s" in ext:
+            ext["tokens_per_s"] = flops["tokens_per_step"] / ext["median_step_s"]
+            ext["mfu"] = flops["total"] / ext["median_step_s"] / peak if peak else None
+        summary["extrapolated_32"][p] = ext
+    e_stock, e_det = summary["extrapolated_32"].get(STOCK, {}), summary["extrapolated_32"].get(DETACHED, {})
+    if "median_step_s" in e_stock and "median_step_s" in e_det:
+        summary["extrapolated_32"]["throughput_ratio"] = e_stock["median_step_s"] / e_det["median_step_s"]
+    if e_stock.get("kernel_s_per_step") and e_det.get("kernel_s_per_step"):
+        summary["extrapolated_32"]["kernel_ratio"] = e_stock["kernel_s_per_step"] / e_det["kernel_s_per_step"]
+    paired = [d for d, row in summary["per_depth"].items() if "throughput_ratio" in row]
+    summary["headline_depth"] = paired[0] if paired else None
+    summary["headline"] = summary["per_depth"][paired[0]]["throughput_ratio"] if paired else None
+    summary["verdict"] = verdict(summary["headline"], 0.98, True, dry)
     return summary
 
 
@@ -422,9 +430,9 @@ def commands(args, out: Path) -> Dict[str, List[str]]:
     rprobe += ["--tiny", "--device", "cpu", "--dtype", "float32"] if dry else \
         ["--device", "cuda", "--dtype", "bfloat16", "--batch", "8", "--repeats", "5", "--warmup", "2"]
     dpvr = [PYTHON, str(BENCH / "bench_dpvr.py"), "--json", str(out / "dpvr.json"), "--route-layer",
-            "2" if dry else "18"]
-    dpvr += (["--layers", "4", "--hidden", "128", "--image", "16", "--text-after", "4", "--repeats", "2",
-              "--warmup", "1", "--decode-steps", "2", "--threads", "1"] if dry else
+            "4" if dry else "18"]
+    dpvr += (["--layers", "8", "--hidden", "128", "--repeats", "2", "--warmup", "1", "--decode-steps", "2",
+              "--threads", "1"] if dry else
              ["--layers", "32", "--hidden", "4096", "--device", "cuda", "--dtype", "bfloat16", "--repeats", "10",
               "--warmup", "2", "--decode-steps", "8", "--threads", "4"])
     gpu_tests = [PYTHON, "-m", "pytest", "-m", "gpu", "-s", "-rA", "-p", "no:cacheprovider", "tests/gpu/test_gpu.py"]
@@ -493,7 +501,8 @@ def markdown(results: dict) -> str:
     lines += [f"Command: `{results['command']}`  ",
               f"Machine: {m.get('gpu') or m.get('cpu')}; nvidia-smi: {m.get('nvidia_smi')}; torch {m.get('torch')} "
               f"(CUDA {m.get('torch_cuda')}), transformers {m.get('transformers')}, deepspeed {m.get('deepspeed')}, "
-              f"flash-attn {m.get('flash_attn') or 'not importable'}, bitsandbytes {m.get('bitsandbytes') or 'absent'}; "
+              f"flash-attn {m.get('flash_attn') or 'not importable'}, "
+              f"bitsandbytes {m.get('bitsandbytes') or 'absent'}; "
               f"Python {m.get('python')}.  ",
               "Attention: " + "; ".join(f"{k}: {v}" for k, v in m.get("attention", {}).items()) + ".  ",
               f"Wall time: {results['wall_s']:.0f} s for the parts (budget {results['budget_s']:.0f} s)"
@@ -510,17 +519,20 @@ def markdown(results: dict) -> str:
             lines.append(f"| {title} | | | | {status} |")
             continue
         if name == "joint":
-            first = results["parts"]["joint"]["summary"].get("per_depth", {})
-            d0 = next(iter(first), None)
-            if d0 is not None:
-                row = first[d0]
+            d0 = s.get("headline_depth")
+            if d0 is None:
+                lines.append(f"| {title} | detached / stock throughput | no depth with both types | >= 0.98 | "
+                             f"{s['verdict']} |")
+            else:
+                row = s["per_depth"][d0]
                 lines.append(f"| {title} | detached / stock throughput (wall, median step, {d0} LLM layers) | "
                              f"{fmt(row['throughput_ratio'])} | >= 0.98 | {s['verdict']} |")
                 lines.append(f"| | kernel time, stock / detached (profiled steps) | {fmt(row['kernel_ratio'])} | "
                              f"(>= 0.98) | |")
             ext = s.get("extrapolated_32", {})
             if "throughput_ratio" in ext:
-                lines.append(f"| | extrapolated to 32 layers (per-layer slope) | {fmt(ext['throughput_ratio'])} | "
+                how = "per-layer slope" if s.get("per_layer") else "FLOPs-scaled"
+                lines.append(f"| | extrapolated to 32 layers ({how}) | {fmt(ext['throughput_ratio'])} | "
                              f">= 0.98 | {verdict(ext['throughput_ratio'], 0.98, True, dry)} |")
             if status != "done":
                 lines.append(f"| | part status | {status} | | |")
@@ -542,7 +554,8 @@ def markdown(results: dict) -> str:
 
 def part_details(name: str, part: dict, results: dict) -> List[str]:
     dry = results["dry_run"]
-    lines = [f"Status: {part.get('status', 'not run')}; {part.get('seconds', 0):.0f} s of a {part.get('budget_s', 0):.0f} s "
+    lines = [f"Status: {part.get('status', 'not run')}; {part.get('seconds', 0):.0f} s of a "
+             f"{part.get('budget_s', 0):.0f} s "
              f"budget. Command: `{' '.join(part.get('command', [])).replace(str(ROOT) + '/', '')}`", ""]
     if part.get("error"):
         lines += ["```", part["error"], "```", ""]
@@ -566,7 +579,7 @@ def part_details(name: str, part: dict, results: dict) -> List[str]:
         lines += ["| depth | projector | median step s | kernel s/step | peak allocated GiB | tokens/s | "
                   "model TFLOP/step | MFU | launch to exit s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for d, row in s.get("per_depth", {}).items():
-            for p in (STOCK, DETACHED):
+            for p in (p for p in (STOCK, DETACHED) if p in row):
                 r = row[p]
                 run = next(x for x in data["runs"] if x["depth"] == int(d) and x["projector"] == p)
                 lines.append(f"| {d} | `{p}` | {fmt(r['median_step_s'])} | {fmt(r['kernel_s_per_step'])} | "
@@ -579,21 +592,26 @@ def part_details(name: str, part: dict, results: dict) -> List[str]:
                       "an extrapolation, not a measurement):", "",
                       "| projector | step s / layer | kernel s / layer | GiB / layer | 32 layers: step s | kernel s | "
                       "peak GiB | tokens/s | MFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for p in (STOCK, DETACHED):
+            for p in (p for p in (STOCK, DETACHED) if p in s["per_layer"]):
                 per, ext = s["per_layer"][p], s["extrapolated_32"][p]
                 lines.append(f"| `{p}` | {fmt(per.get('median_step_s'), 4)} | {fmt(per.get('kernel_s_per_step'), 4)} | "
                              f"{fmt(per.get('peak_allocated_gib'), 3)} | {fmt(ext.get('median_step_s'))} | "
                              f"{fmt(ext.get('kernel_s_per_step'))} | {fmt(ext.get('peak_allocated_gib'), 1)} | "
-                             f"{fmt(ext.get('tokens_per_s'), 0)} | {fmt(ext.get('mfu') and 100 * ext['mfu'], 1, ' %')} |")
-        elif s.get("extrapolated_32"):
-            lines += ["", "Only one depth ran: the 32-layer figures are the measured step scaled by model FLOPs "
-                      "(constant MFU assumed), not a per-layer measurement."]
+                             f"{fmt(ext.get('tokens_per_s'), 0)} | "
+                             f"{fmt(ext.get('mfu') and 100 * ext['mfu'], 1, ' %')} |")
+        for p in (STOCK, DETACHED):
+            ext = s.get("extrapolated_32", {}).get(p)
+            if ext and p not in s.get("per_layer", {}):
+                lines.append(f"- `{p}` at {FULL_DEPTH} layers: {fmt(ext.get('median_step_s'))} s/step, "
+                             f"{fmt(ext.get('tokens_per_s'), 0)} tokens/s ({ext['method']}; not a per-layer "
+                             f"measurement).")
         for key, label in (("skipped_runs", "Skipped runs"), ("failed_runs", "Failed runs")):
             for r in data.get(key, []):
                 lines.append(f"- {label[:-1]}: depth {r['depth']} `{r['projector']}`: "
                              f"{r.get('why') or r.get('error', '')[-600:]}")
-        lines += ["", "MFU = model FLOPs per step / (median step time x peak), peak "
-                  f"{fmt(results.get('peak_tflops'), 1, ' TFLOP/s dense bf16') if results.get('peak_tflops') else 'unknown for this device: MFU not given'}. "
+        peak = results.get("peak_tflops")
+        peak_text = f"{peak:.1f} TFLOP/s dense bf16" if peak else "unknown for this device: MFU not given"
+        lines += ["", f"MFU = model FLOPs per step / (median step time x peak), peak {peak_text}. "
                   "Model FLOPs (recomputation from gradient checkpointing not counted):", "", "```",
                   (data.get("flops_formula") or "").strip(), "```"]
     elif name == "gpu_tests" and s:
@@ -663,7 +681,7 @@ def main(argv=None) -> None:
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": args.dry_run,
                "command": command, "budget_s": total, "env_s": args.env_seconds,
                "env_status": args.env_status, "parts": {}}
-    print(f"[gpu-suite] machine info ...", flush=True)
+    print("[gpu-suite] machine info ...", flush=True)
     results["machine"] = machine_info()
     device = str(results["machine"].get("gpu") or "")
     peak = peak_flops(device, args.peak_tflops)
@@ -710,7 +728,7 @@ def main(argv=None) -> None:
             elif name == "rprobe" and part["status"] == "done":
                 part["summary"] = summarise_rprobe(out / "rprobe.json", args.dry_run)
             elif name == "dpvr" and part["status"] == "done":
-                part["summary"] = summarise_dpvr(out / "dpvr.json", args.dry_run, 2 if args.dry_run else 18)
+                part["summary"] = summarise_dpvr(out / "dpvr.json", args.dry_run, 4 if args.dry_run else 18)
         except Exception as error:  # noqa: BLE001 - a part whose output cannot be read is named, not fatal
             part["error"] = f"reading its results failed: {error.__class__.__name__}: {error}"
         print(f"[gpu-suite] {name}: {part['status']} in {run['seconds']:.0f} s", flush=True)

@@ -31,14 +31,12 @@ elif [ "$dry" = 1 ]; then
     [ -x "$py" ] || py=python3
 else
     began=$SECONDS
-    if bash "$ROOT/scripts/bench/gpu_env.sh" install >"$OUT/env.log" 2>&1; then
-        py=${GPU_VENV:-/tmp/llava-dsl-gpu-venv}/bin/python
-        env_args=(--env-seconds "$((SECONDS - began))")
-    else
-        # the parts will fail one by one and be named; the report still gets written
-        py=${BASE_PYTHON:-python3}
-        env_args=(--env-seconds "$((SECONDS - began))" --env-status "failed: see env.log")
-    fi
+    status=ready
+    bash "$ROOT/scripts/bench/gpu_env.sh" install >"$OUT/env.log" 2>&1 || status="failed (exit $?): see env.log"
+    py=${GPU_VENV:-/tmp/llava-dsl-gpu-venv}/bin/python
+    # no venv at all: the parts fail one by one and are named; the report still gets written
+    [ -x "$py" ] || py=${BASE_PYTHON:-python3}
+    env_args=(--env-seconds "$((SECONDS - began))" --env-status "$status")
     tail -n 15 "$OUT/env.log"
 fi
 

@@ -87,7 +87,7 @@ def run(assets: dict, projector: str, steps: int, out: str, args, timer_out: str
 def run_scripts(assets: dict, projector: str, steps: int, out: str, args, timer_out: str, profile: str = "") -> None:
     """finetune.sh (ZeRO-3, the deepspeed launcher) for ``steps`` steps; pretrain.sh first writes its adapter."""
     env = {**_env(timer_out, profile), "PYTHON": sys.executable, "NUM_GPUS": str(args.num_gpus),
-           "MASTER_PORT": str(args.master_port), "TRAIN_MODULE": "step_timer",
+           "MASTER_PORT": str(args.master_port), "TRAIN_MODULE": args.train_module,
            "MODEL_NAME_OR_PATH": assets["llm"], "VISION_TOWER": assets["tower"], "PROJECTOR_TYPE": projector,
            "PRETRAIN_DATA_PATH": assets["pretrain"], "PRETRAIN_IMAGE_FOLDER": assets["image_folder"],
            "FINETUNE_DATA_PATH": assets["finetune"], "FINETUNE_IMAGE_FOLDER": assets["image_folder"],
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--master-port", type=int, default=29661)
     parser.add_argument("--types", default=",".join(TYPES), help="comma-separated projector types to time")
+    parser.add_argument("--train-module", default="step_timer",
+                        help="entry module for --via-scripts (scripts/bench on PYTHONPATH); suite_timer also skips the "
+                             "final save")
     parser.add_argument("--via-scripts", action="store_true",
                         help="train through scripts/zero3/pretrain.sh + finetune.sh (ZeRO-3, deepspeed launcher)")
     return parser
