@@ -4,8 +4,8 @@ scripts/lmms_eval/tasks, and its numbers equal ``llava_dsl.evaluate``'s scorers 
 The checkpoint is a stock ``LlavaForConditionalGeneration`` with multi-layer features and
 ``apply_detached_skip_links`` (saved with ``dsl_detach_layers`` in its config), loaded by lmms-eval's ``llava_hf``
 model in a process that never imports ``llava_dsl``. The data: rendered images in the benchmarks' own file
-formats (``llava_dsl.assets.ocr_data`` for TextVQA and OCRBench; DocVQA's and ChartQA's files on the same
-images), turned into lmms-eval's local folders by scripts/lmms_eval/make_dataset.py.
+formats (``llava_dsl.assets.ocr_data`` for TextVQA and OCRBench; DocVQA's, InfographicVQA's and ChartQA's files on
+the same images), turned into lmms-eval's local folders by scripts/lmms_eval/make_dataset.py.
 
 A random model never reads, so ground truth written before generation would score 0 everywhere and any two
 metrics would agree. The test therefore answers every question once in-process first, with lmms-eval's own
@@ -40,12 +40,14 @@ N = 10  # questions per benchmark
 SHORT = "\nAnswer the question using a single word or phrase."
 # benchmark -> (task, how lmms-eval's task turns a row into the text after "<image>\n")
 TASKS = {"textvqa": "textvqa_val_local", "ocrbench": "ocrbench_local", "docvqa": "docvqa_val_local",
-         "chartqa": "chartqa_local"}
+         "infovqa": "infovqa_val_local", "chartqa": "chartqa_local"}
+TAG = "ocr_local"  # the tag all five task files carry
 
 
 def _doc_to_text(bench: str, row: dict) -> str:
     from lmms_eval.tasks.chartqa.utils import chartqa_doc_to_text
     from lmms_eval.tasks.docvqa.utils import docvqa_doc_to_text
+    from lmms_eval.tasks.infovqa.utils import infovqa_doc_to_text
     from lmms_eval.tasks.ocrbench.utils import ocrbench_doc_to_text
     from lmms_eval.tasks.textvqa.utils import textvqa_doc_to_text
 
@@ -55,6 +57,8 @@ def _doc_to_text(bench: str, row: dict) -> str:
         return ocrbench_doc_to_text(row, {"pre_prompt": "", "post_prompt": ""})
     if bench == "docvqa":
         return docvqa_doc_to_text(row, {"pre_prompt": "", "post_prompt": SHORT})
+    if bench == "infovqa":
+        return infovqa_doc_to_text(row, {"pre_prompt": "", "post_prompt": SHORT})
     return chartqa_doc_to_text(row, {"pre_prompt": "", "post_prompt": "\nAnswer the question with a single word."})
 
 
@@ -169,17 +173,26 @@ def _docvqa_answers(i: int, pred: str):
     return [f"zz{i}"]
 
 
-def _write_docvqa(data_dir: str, image_dir: str, preds=None):
-    """DocVQA val's own layout: val_v1.0_withQT.json + documents/ (the rendered TextVQA images)."""
-    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
+# the benchmark's own layout: annotation file, image folder, the image field
+DOC_LAYOUT = {"docvqa": ("val_v1.0_withQT.json", "documents", "image"),
+              "infovqa": ("infographicsVQA_val_v1.0_withQT.json", "infographicsvqa_images", "image_local_name")}
+
+
+def _write_docvqa(bench: str, data_dir: str, image_dir: str, preds=None):
+    """DocVQA / InfographicVQA val in their own layout, on the rendered TextVQA images."""
+    annotation, folder, field = DOC_LAYOUT[bench]
+    os.makedirs(os.path.join(data_dir, folder), exist_ok=True)
     data = []
     for i, name in enumerate(sorted(os.listdir(image_dir))[:N]):
-        shutil.copy(os.path.join(image_dir, name), os.path.join(data_dir, "documents", name))
+        shutil.copy(os.path.join(image_dir, name), os.path.join(data_dir, folder, name))
         answers = _docvqa_answers(i, preds[i]) if preds else ["zz"]
-        data.append({"questionId": 1000 + i, "question": ("what is written here?", "what number is this?")[i % 2],
-                     "image": f"documents/{name}", "answers": answers, "data_split": "val"})
-    with open(os.path.join(data_dir, "val_v1.0_withQT.json"), "w") as f:
-        json.dump({"dataset_name": "docvqa", "dataset_split": "val", "data": data}, f)
+        questions = (("what is written here?", "what number is this?") if bench == "docvqa" else
+                     ("read the text in this image.", "what is the number there?"))
+        data.append({"questionId": 1000 + i, "question": questions[i % 2],
+                     field: f"documents/{name}" if bench == "docvqa" else name, "answers": answers,
+                     "data_split": "val"})
+    with open(os.path.join(data_dir, annotation), "w") as f:
+        json.dump({"dataset_name": bench, "dataset_split": "val", "data": data}, f)
 
 
 def _write_chartqa(data_dir: str, image_dir: str, preds=None):
@@ -241,7 +254,8 @@ def lmms_run(tmp_path_factory):
     write_textvqa(dirs["textvqa"], cfg)
     write_ocrbench(dirs["ocrbench"], cfg)
     images = os.path.join(dirs["textvqa"], "train_images")
-    _write_docvqa(dirs["docvqa"], images)
+    _write_docvqa("docvqa", dirs["docvqa"], images)
+    _write_docvqa("infovqa", dirs["infovqa"], images)
     _write_chartqa(dirs["chartqa"], images)
 
     # Pass 1: the model's answers, in-process; then ground truth built from them.
@@ -249,7 +263,8 @@ def lmms_run(tmp_path_factory):
     direct = {bench: _answer_all(answerer, bench, dirs[bench]) for bench in TASKS}
     _write_textvqa_gt(dirs["textvqa"], direct["textvqa"])
     _write_ocrbench_gt(dirs["ocrbench"], direct["ocrbench"])
-    _write_docvqa(dirs["docvqa"], images, direct["docvqa"])
+    _write_docvqa("docvqa", dirs["docvqa"], images, direct["docvqa"])
+    _write_docvqa("infovqa", dirs["infovqa"], images, direct["infovqa"])
     _write_chartqa(dirs["chartqa"], images, direct["chartqa"])
 
     # The local folders the task YAMLs read (dataset_path is relative to the folder lmms-eval runs in).
@@ -263,7 +278,7 @@ def lmms_run(tmp_path_factory):
     out_dir = str(work / "lmms_out")
     command = [sys.executable, "-m", "lmms_eval", "--model", "llava_hf",
                "--model_args", f"pretrained={checkpoint},device=cpu,device_map=cpu,dtype=float32",
-               "--tasks", ",".join(TASKS.values()), "--include_path", TASKS_DIR, "--batch_size", "1",
+               "--tasks", TAG, "--include_path", TASKS_DIR, "--batch_size", "1",
                "--gen_kwargs", f"max_new_tokens={MAX_NEW_TOKENS}", "--log_samples", "--output_path", out_dir,
                "--verbosity", "DEBUG"]
     start = time.time()
@@ -272,6 +287,8 @@ def lmms_run(tmp_path_factory):
     with open(work / "lmms_eval.log", "w") as f:
         f.write(log)
     assert proc.returncode == 0, f"lmms-eval exited {proc.returncode}:\n{log[-6000:]}"
+    # lmms-eval 0.7.3 exits 0 when the evaluation itself failed: read its log
+    assert "Error during evaluation" not in log, f"lmms-eval failed:\n{log[-6000:]}"
     print(f"lmms-eval CLI: {time.time() - start:.1f} s, log {work / 'lmms_eval.log'}")
     return {"dirs": dirs, "direct": direct, "out": out_dir, "log": log, "answerer": answerer,
             "checkpoint": checkpoint}
@@ -331,7 +348,7 @@ def test_scores_agree_with_llava_dsl_evaluate(lmms_run):
         elif bench == "ocrbench":
             lmms_per = [float(s["ocrbench_accuracy"]["score"]) for s in samples]
             assert got["ocrbench_accuracy,none"] == details["final_score"] / 1000, (got, details)
-        elif bench == "docvqa":
+        elif bench in ("docvqa", "infovqa"):
             lmms_per = [s["anls"] if not isinstance(s["anls"], dict) else s["anls"]["anls"] for s in samples]
             _agree(got["anls,none"] * 100.0, score, task)
         else:
