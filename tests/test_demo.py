@@ -1,24 +1,33 @@
-"""The built-in demo (``make demo``), reduced to a few steps per stage: it runs the package's own command lines
-end to end and writes every promised output, well-formed."""
+"""The built-in demo (``make demo``) at a reduced scale, on the reduced build of the pretrained parts: it runs the
+package's own command lines end to end, writes every promised output, well-formed, and every arm reads held-out
+digit strings far better than a model that ignores the image can."""
+import collections
 import json
 import math
 import os
 import sys
 
 import pytest
+from conftest import run_module
 from PIL import Image
 
-from conftest import run_module
-from llava_dsl import demo
+from llava_dsl.demo.pipeline import BENCHMARKS, MARKER, PROJECTORS, DemoError, Steps, clean, make_plan
 
-STEPS = 3
+SCALE = 1.0
+
+
+def shared_assets_root(tmp_path_factory) -> str:
+    """The asset cache of this test session, the one tests/test_assets_pretrained.py builds the reduced parts in."""
+    return str(tmp_path_factory.getbasetemp() / "llava_dsl_assets")
+PLAN = make_plan(SCALE, quick_assets=True)
 FIGURES = ("loss_curves", "tower_grad_norms", "grad_stats", "rprobe_mse", "rprobe_reconstructions")
 
 
 @pytest.fixture(scope="module")
 def reduced_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo_output"
-    result = run_module("llava_dsl.demo", ["--steps", STEPS, "--output_dir", out], timeout=900)
+    result = run_module("llava_dsl.demo", ["--scale", SCALE, "--quick_assets", "--output_dir", out],
+                        env={"LLAVA_DSL_ASSETS": shared_assets_root(tmp_path_factory)}, timeout=1500)
     return out, result.stdout
 
 
@@ -37,18 +46,18 @@ def _numbers(node, path=""):
 def test_results_json_has_every_field_for_every_projector(reduced_demo):
     out, _ = reduced_demo
     results = json.load(open(out / "results.json"))
-    assert [row["projector"] for row in results["projectors"]] == list(demo.PROJECTORS)
+    assert [row["projector"] for row in results["projectors"]] == list(PROJECTORS)
     for row in results["projectors"]:
         for stage in ("stage1", "stage2"):
-            assert row[stage]["steps"] == STEPS
+            assert row[stage]["steps"] == getattr(PLAN, f"{stage}_steps")
             assert {"first_loss", "final_loss", "wall_seconds"} <= set(row[stage])
             assert os.path.isfile(os.path.join(row[stage]["output_dir"], "config.json"))
         assert {"final_mse", "final_psnr", "steps_to_threshold", "history"} <= set(row["rprobe"])
-        assert [h["step"] for h in row["rprobe"]["history"]][-1] == STEPS
-        for bench in demo.BENCHMARKS:
+        assert [h["step"] for h in row["rprobe"]["history"]][-1] == PLAN.probe_steps
+        for bench in BENCHMARKS:
             ev = row["eval"][bench]
             assert {"score", "unit", "metric", "n", "answered", "wall_seconds"} <= set(ev)
-            assert ev["n"] == ev["answered"] == 4
+            assert ev["n"] == ev["answered"] == PLAN.eval_questions
         measured = row["stage2"]["grad_stats"]
         assert (measured is None) == (row["projector"] == "mlp2x_gelu")  # no skip path to measure
     assert {"trivial_mse", "trivial_psnr", "threshold", "wall_seconds"} <= set(results["rprobe"])
@@ -60,11 +69,31 @@ def test_results_json_has_every_field_for_every_projector(reduced_demo):
     assert rows["mlp_multilayer"]["stage1"]["first_loss"] == rows["detached_mlp_multilayer"]["stage1"]["first_loss"]
 
 
+def _textvqa_chance(out) -> float:
+    """The most frequent answer's share: what the best image-blind constant answer scores in TextVQA format."""
+    data = json.load(open(out / "assets" / "data" / "eval" / "textvqa" / "TextVQA_0.5.1_val.json"))["data"]
+    counts = collections.Counter(entry["answers"][0] for entry in data)
+    return 100.0 * counts.most_common(1)[0][1] / len(data)
+
+
+def test_every_arm_reads_held_out_digit_strings(reduced_demo):
+    """Far above what a model that ignores the image can score, computed from the eval files themselves."""
+    out, _ = reduced_demo
+    results = json.load(open(out / "results.json"))
+    chance = _textvqa_chance(out)
+    assert chance == pytest.approx(results["chance"]["textvqa"]["score"])
+    ocr_chance = results["chance"]["ocrbench"]["points"]
+    for row in results["projectors"]:
+        textvqa, ocrbench = row["eval"]["textvqa"], row["eval"]["ocrbench"]
+        assert textvqa["score"] >= max(15.0, 3 * chance), (row["projector"], textvqa, chance)
+        assert ocrbench["score"] >= ocr_chance + 4, (row["projector"], ocrbench, ocr_chance)
+
+
 def test_markdown_table_has_a_row_per_projector(reduced_demo):
     out, stdout = reduced_demo
     table = (out / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [row.split("|")[1].strip(" `") for row in rows] == list(demo.PROJECTORS)
+    assert [row.split("|")[1].strip(" `") for row in rows] == list(PROJECTORS)
     header = table.splitlines()[0]
     assert all(len(row.split("|")) == len(header.split("|")) for row in rows)
     for column in ("R-Probe MSE", "R-Probe PSNR", "steps to threshold", "TextVQA", "OCRBench", "train time"):
@@ -86,6 +115,7 @@ def test_every_figure_decodes(reduced_demo):
 
 def test_progress_and_logs(reduced_demo):
     out, stdout = reduced_demo
+    assert "held-out recognition" in stdout and "a model that ignores the image scores at most" in stdout
     for header in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert header in stdout
     assert "stage2-detached_mlp_multilayer: 100%" in stdout
@@ -96,8 +126,8 @@ def test_progress_and_logs(reduced_demo):
 
 
 def test_a_failed_step_names_its_log(tmp_path):
-    steps = demo.Steps(str(tmp_path / "logs"))
-    with pytest.raises(demo.DemoError) as error:
+    steps = Steps(str(tmp_path / "logs"))
+    with pytest.raises(DemoError) as error:
         steps.run("broken", [sys.executable, "-c", "import sys; print('something broke'); sys.exit(3)"], 1,
                   lambda line: None)
     message = str(error.value)
@@ -106,22 +136,22 @@ def test_a_failed_step_names_its_log(tmp_path):
 
 
 def test_plan_scales_and_rejects_bad_values():
-    one, four = demo.make_plan(1.0), demo.make_plan(4.0)
+    one, four = make_plan(1.0), make_plan(4.0)
     assert four.stage2_steps == 4 * one.stage2_steps and four.num_finetune == 4 * one.num_finetune
     assert four.grad_stats_every > one.grad_stats_every  # about the same number of measured steps
-    with pytest.raises(demo.DemoError, match="expected a positive number"):
-        demo.make_plan(0.0)
-    with pytest.raises(demo.DemoError, match="--steps=1"):
-        demo.make_plan(1.0, steps=1)
+    with pytest.raises(DemoError, match="expected a positive number"):
+        make_plan(0.0)
+    with pytest.raises(DemoError, match="--steps=1"):
+        make_plan(1.0, steps=1)
 
 
 def test_a_foreign_output_folder_is_refused(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(demo.DemoError, match="not empty and was not written by the demo"):
-        demo.clean(str(tmp_path))
+    with pytest.raises(DemoError, match="not empty and was not written by the demo"):
+        clean(str(tmp_path))
     assert (tmp_path / "mine.txt").read_text() == "keep me"
     fresh = tmp_path / "fresh"
-    demo.clean(str(fresh))
+    clean(str(fresh))
     (fresh / "runs").mkdir()
-    demo.clean(str(fresh))  # its own folder: cleared again
-    assert not (fresh / "runs").exists() and (fresh / demo.MARKER).is_file()
+    clean(str(fresh))  # its own folder: cleared again
+    assert not (fresh / "runs").exists() and (fresh / MARKER).is_file()

@@ -4,8 +4,8 @@ On a CPU and with no downloads, it compares LLaVA-1.5's single-layer projector (
 multi-layer fusion (``mlp_multilayer``) and Detached Skip-Links (``detached_mlp_multilayer``) on rendered text:
 
 1. takes the locally pretrained tiny parts from the asset cache, building them on first use
-   (``python -m llava_dsl.assets build``: a 6-block CLIP tower pretrained on rendered digit strings, a 4-layer
-   LLaMA-style LM pretrained on its tokenizer's corpus), and writes the OCR data set of digit strings
+   (``python -m llava_dsl.assets build --lm random``: a 6-block CLIP tower pretrained on rendered digit strings,
+   a 4-layer LLaMA-style LM, untrained, with its tokenizer), and writes the OCR data set of digit strings
    (``llava_dsl.assets.ocr_data``, ``content="digits"``: held-out strings and font sizes never trained on);
 2. trains stage 1 (projector only) and stage 2 (joint: LLM, projector and vision tower) for each projector,
    with the same seed and data, through ``python -m llava_dsl.train``; the two multi-layer stage-2 runs
@@ -82,6 +82,7 @@ class Plan:
     max_new_tokens: int
     num_heldout: int
     tower_variant: str = "slots"     # llava_dsl.assets.pretrained.TOWER_VARIANTS
+    lm_variant: str = "random"       # llava_dsl.assets.pretrained.LM_VARIANTS (why random: LM_VARIANTS' comment)
     quick_assets: bool = False       # the reduced asset build (tests)
     # the data: digit strings, the lengths the tower was pretrained on
     image_size: int = 64
@@ -124,7 +125,7 @@ def build_models(plan: Plan, root: Optional[str] = None) -> Dict[str, str]:
     """The pretrained tower (``plan.tower_variant``) and LM from the asset cache, built there on first use."""
     from llava_dsl.assets.pretrained import build
 
-    return build(plan.tower_variant, root=root, reduced=plan.quick_assets,
+    return build(plan.tower_variant, root=root, reduced=plan.quick_assets, lm_variant=plan.lm_variant,
                  log=lambda message: print(f"  {message}", flush=True))
 
 
@@ -344,8 +345,8 @@ def run_demo(output_dir: str, plan: Plan, assets_root: Optional[str] = None) -> 
     print(f"  tower: CLIP {ts['blocks']} blocks x {ts['width']}, {ts['image_size']}px / {ts['patch_size']}px patches "
           f"({(ts['image_size'] // ts['patch_size']) ** 2} visual tokens), variant '{ts['variant']}', held-out "
           f"recognition {tower['char_accuracy'] * 100:.1f}% characters / {tower['string_accuracy'] * 100:.1f}% "
-          f"strings\n  LM: LLaMA {lm['settings']['layers']} layers x {lm['settings']['width']}, held-out perplexity "
-          f"{lm['heldout_perplexity']:.2f}\n  data: {data_counts}; a model that ignores the image scores at most "
+          f"strings\n  LM: LLaMA {lm['settings']['layers']} layers x {lm['settings']['width']}, "
+          f"{lm['settings']['steps']} pretraining steps, held-out perplexity {lm['heldout_perplexity']:.2f}\n  data: {data_counts}; a model that ignores the image scores at most "
           f"{chance['textvqa']['score']:.1f}% (TextVQA format) and {chance['ocrbench']['points']} / "
           f"{chance['ocrbench']['n']} (OCRBench format) ({time.time() - t0:.0f}s)", flush=True)
 
