@@ -245,7 +245,7 @@ def joint_flops(shape: dict, depth: int, projector: str, lengths: List[int], voc
     """Model FLOPs of one optimizer step (6 per parameter per token, plus attention), recomputation not counted.
 
     LLM:   6 T (L (4 d^2 + 3 d f) + d V) + 12 L d B E[s^2]       T = B E[s] tokens, s = sequence length
-    tower: 6 B n_v (L_v (4 d_v^2 + 2 d_v f_v) + 3 p^2 d_v) + 12 L_v d_v B n_v^2    n_v = 577, L_v = blocks run
+    tower: 6 B n_v (L_v (4 d_v^2 + 2 d_v f_v) + 3 p^2 d_v) + 12 L_v d_v B n_v^2    n_v tokens (577), L_v blocks run
     projector: 6 B n_img (c d_v d + d^2)                          c = feature maps concatenated (1 or 4)
     """
     from llava_dsl import resolve_layer_spec
@@ -396,6 +396,10 @@ def summarise_joint(data: dict, device: str, peak: Optional[float], dry: bool) -
                                                                  "peak_allocated_gib")
                    if a[key] is not None and b[key] is not None}
             summary["per_layer"][p] = per
+            if per.get("median_step_s", 1) <= 0:
+                summary.setdefault("warnings", []).append(
+                    f"{p}: the step got no slower from {lo} to {hi} layers (scatter larger than the per-layer cost): "
+                    f"its per-layer figures and extrapolation mean nothing")
             ext = {key: a[key] + (FULL_DEPTH - hi) * per[key] for key in per}
             ext["method"] = f"measured at {hi} layers + {FULL_DEPTH - hi} x the per-layer difference of {hi} vs {lo}"
         elif ran:
@@ -554,6 +558,8 @@ def markdown(results: dict) -> str:
 
 def part_details(name: str, part: dict, results: dict) -> List[str]:
     dry = results["dry_run"]
+    if "command" not in part:
+        return [f"Status: {part.get('status', 'not run')}."]
     lines = [f"Status: {part.get('status', 'not run')}; {part.get('seconds', 0):.0f} s of a "
              f"{part.get('budget_s', 0):.0f} s "
              f"budget. Command: `{' '.join(part.get('command', [])).replace(str(ROOT) + '/', '')}`", ""]
@@ -584,7 +590,7 @@ def part_details(name: str, part: dict, results: dict) -> List[str]:
                 run = next(x for x in data["runs"] if x["depth"] == int(d) and x["projector"] == p)
                 lines.append(f"| {d} | `{p}` | {fmt(r['median_step_s'])} | {fmt(r['kernel_s_per_step'])} | "
                              f"{fmt(r['peak_allocated_gib'], 2)} | {fmt(r['tokens_per_s'], 0)} | "
-                             f"{fmt(r['model_tflops_per_step'], 2)} | {fmt(r['mfu'] and 100 * r['mfu'], 1, ' %')} | "
+                             f"{r['model_tflops_per_step']:.3g} | {fmt(r['mfu'] and 100 * r['mfu'], 1, ' %')} | "
                              f"{run['launch_to_exit_s']:.0f} |")
         if s.get("per_layer"):
             lines += ["", "Per LLM layer (difference between the two depths, divided by the layer count) and the "
@@ -599,6 +605,7 @@ def part_details(name: str, part: dict, results: dict) -> List[str]:
                              f"{fmt(ext.get('kernel_s_per_step'))} | {fmt(ext.get('peak_allocated_gib'), 1)} | "
                              f"{fmt(ext.get('tokens_per_s'), 0)} | "
                              f"{fmt(ext.get('mfu') and 100 * ext['mfu'], 1, ' %')} |")
+        lines += [f"- Warning: {w}" for w in s.get("warnings", [])]
         for p in (STOCK, DETACHED):
             ext = s.get("extrapolated_32", {}).get(p)
             if ext and p not in s.get("per_layer", {}):
@@ -646,6 +653,20 @@ def part_details(name: str, part: dict, results: dict) -> List[str]:
     return lines
 
 
+def render(path: Path) -> None:
+    """Re-summarise the joint part from its stored runs and rewrite gpu_suite.md beside ``path``."""
+    results = json.loads(path.read_text())
+    joint = results["parts"].get("joint", {})
+    if joint.get("data", {}).get("runs"):
+        peak = results["peak_tflops"] * 1e12 if results.get("peak_tflops") else None
+        joint["summary"] = summarise_joint(joint["data"], str(results["machine"].get("gpu") or ""), peak,
+                                           results["dry_run"])
+    write_json(path, results)
+    report = markdown(results)
+    path.with_suffix(".md").write_text(report)
+    print(report)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_suite_out")
@@ -660,9 +681,14 @@ def main(argv=None) -> None:
     parser.add_argument("--master-port", type=int, default=29787)
     parser.add_argument("--env-seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--env-status", default="ready", help=argparse.SUPPRESS)
+    parser.add_argument("--render", default=None, metavar="GPU_SUITE_JSON",
+                        help="rewrite the Markdown (and the joint part's summary) from a results file; runs nothing")
     parser.add_argument("--part-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.part_child == "joint":
