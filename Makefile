@@ -92,9 +92,9 @@ clean-hf:
 
 # Third environment for lmms-eval (docs/lmms_eval.md): lmms-eval 0.7.3 on transformers 5.24 and the same CPU torch,
 # pinned by scripts/lmms_eval/constraints.txt. torch goes first; lmms-eval goes in with --no-deps because its
-# declared torchvision has no build that loads beside the CPU torch (every other pairing pulls a CUDA torch);
-# scripts/lmms_eval/requirements.txt lists what its CLI, the llava_hf model and the OCR tasks import (decord and
-# filelock<4 included); check_env.py fails the build on a CUDA package, a torchvision or an import that breaks.
+# declared torchvision has no build that loads beside the CPU torch (every other pairing pulls a CUDA torch), last,
+# after scripts/lmms_eval/requirements.txt: what its CLI, the llava_hf model and the OCR tasks import (decord and
+# filelock<4 included). check_env.py fails the build on a CUDA package, a torchvision or an import that breaks.
 # tests/lmms_eval imports llava_dsl from this checkout through PYTHONPATH; the lmms-eval process itself does not.
 VENV_LMMS ?= .venv-lmms
 LMMS_STAMP := $(VENV_LMMS)/.llava-dsl-lmms-installed
@@ -110,8 +110,8 @@ $(LMMS_STAMP): scripts/lmms_eval/constraints.txt scripts/lmms_eval/requirements.
 	echo '*' > $(VENV_LMMS)/.gitignore
 	$(VENV_LMMS)/bin/python -m pip install --quiet --upgrade pip
 	$(LMMS_PIP) torch==2.13.0
-	$(LMMS_PIP) --no-deps lmms-eval
 	$(LMMS_PIP) -r scripts/lmms_eval/requirements.txt
+	$(LMMS_PIP) --no-deps lmms-eval
 	OMP_NUM_THREADS=1 $(VENV_LMMS)/bin/python scripts/lmms_eval/check_env.py
 	touch $(LMMS_STAMP)
 

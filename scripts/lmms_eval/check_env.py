@@ -6,8 +6,8 @@
 - lmms-eval's CLI module, its llava_hf model (decord) and the metric code of the local tasks import.
 """
 import importlib
-import importlib.metadata as metadata
 import sys
+from importlib import metadata
 
 from packaging.version import Version
 

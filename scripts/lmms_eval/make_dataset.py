@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, Iterator, List
+from collections.abc import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from llava_dsl.evaluate.benchmarks import LOADERS, SHORT_ANSWER  # noqa: E402
+from llava_dsl.evaluate.benchmarks import LOADERS, SHORT_ANSWER
 
 # benchmark -> (split name lmms-eval's task reads, task name in scripts/lmms_eval/tasks)
 SPLITS = {"textvqa": ("validation", "textvqa_val_local"), "ocrbench": ("test", "ocrbench_local"),
@@ -36,7 +36,7 @@ SPLITS = {"textvqa": ("validation", "textvqa_val_local"), "ocrbench": ("test", "
 
 
 def _strip_suffix(text: str) -> str:
-    return text[: -len(SHORT_ANSWER)] if text.endswith(SHORT_ANSWER) else text
+    return text.removesuffix(SHORT_ANSWER)
 
 
 def _image(folder: str, name: str) -> dict:
@@ -45,7 +45,7 @@ def _image(folder: str, name: str) -> dict:
         return {"bytes": f.read(), "path": os.path.basename(name)}
 
 
-def rows(benchmark: str, data_dir: str, **loader_args) -> Iterator[Dict[str, object]]:
+def rows(benchmark: str, data_dir: str, **loader_args) -> Iterator[dict[str, object]]:
     """The lmms-eval rows of one benchmark, in the order ``llava_dsl.evaluate`` asks the questions."""
     if benchmark == "textvqa":
         loader_args["protocol"] = "plain"
@@ -95,7 +95,7 @@ def make_dataset(benchmark: str, data_dir: str, out_dir: str, **loader_args) -> 
 
     if benchmark not in SPLITS:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {sorted(SPLITS)}")
-    records: List[dict] = list(rows(benchmark, data_dir, **loader_args))
+    records: list[dict] = list(rows(benchmark, data_dir, **loader_args))
     columns = {name: [r[name] for r in records] for name in features(benchmark)}
     dataset = Dataset.from_dict(columns, features=features(benchmark))
     DatasetDict({SPLITS[benchmark][0]: dataset}).save_to_disk(out_dir)

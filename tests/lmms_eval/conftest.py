@@ -1,8 +1,8 @@
 """tests/lmms_eval runs in .venv-lmms (lmms-eval 0.7.3 on transformers 5.x, `make test-lmms`). Under any other stack
 (the main .venv, .venv-hf*) the folder is skipped whole: nothing here is collected there."""
-import importlib.metadata as metadata
 import os
 import sys
+from importlib import metadata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
