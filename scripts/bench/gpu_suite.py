@@ -429,6 +429,7 @@ def summarise_joint(data: dict, device: str, peak: Optional[float], dry: bool) -
 # driver
 # ------------------------------------------------------------------------------------------------------------------
 def commands(args, out: Path) -> Dict[str, List[str]]:
+    """The part commands; ``out`` is the folder their files go to (the work folder's parts/, archived into --out)."""
     dry = args.dry_run
     rprobe = [PYTHON, str(BENCH / "bench_rprobe.py"), "--json", str(out / "rprobe.json")]
     rprobe += ["--tiny", "--device", "cpu", "--dtype", "float32"] if dry else \
@@ -653,6 +654,25 @@ def part_details(name: str, part: dict, results: dict) -> List[str]:
     return lines
 
 
+def archive_parts(parts_dir: Path, out: Path) -> None:
+    """Per-part logs, JSON and profile tables in one archive: $OUT keeps four files (the device tool brings back
+    at most eight)."""
+    tmp = out / "gpu_suite_files.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as archive:
+        for path in sorted(parts_dir.iterdir()):
+            if path.is_file():
+                archive.add(path, arcname=path.name)
+    os.replace(tmp, out / "gpu_suite_files.tar.gz")
+
+
+def save_progress(results: dict, out: Path, parts_dir: Path, began: float) -> None:
+    """The report so far, after every part: a suite stopped from outside still leaves its results."""
+    results["wall_s"] = time.time() - began
+    write_json(out / "gpu_suite.json", results)
+    (out / "gpu_suite.md").write_text(markdown(results))
+    archive_parts(parts_dir, out)
+
+
 def render(path: Path) -> None:
     """Re-summarise the joint part from its stored runs and rewrite gpu_suite.md beside ``path``."""
     results = json.loads(path.read_text())
@@ -676,6 +696,10 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--budget", type=float, default=None, help="seconds for all parts (default: the sum of the "
                         "per-part budgets)")
+    parser.add_argument("--wall-limit", type=float, default=None,
+                        help="seconds for the environment (--env-seconds) and the parts together; the parts' budget "
+                             "shrinks to fit (default 570 on a GPU, under the device tool's 600 s per command; "
+                             "none in a dry run)")
     parser.add_argument("--joint-depths", default=None, help="LLM depths for part 1, e.g. 8,4 (default)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--master-port", type=int, default=29787)
@@ -712,8 +736,14 @@ def main(argv=None) -> None:
     device = str(results["machine"].get("gpu") or "")
     peak = peak_flops(device, args.peak_tflops)
     results["peak_tflops"] = peak / 1e12 if peak else None
-    cmds = commands(args, out)
+    parts_dir = Path(args.work) / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    cmds = commands(args, parts_dir)
     deadline = began + total
+    wall_limit = args.wall_limit if args.wall_limit is not None else (None if args.dry_run else 570.0)
+    if wall_limit:
+        deadline = min(deadline, began - (args.env_seconds or 0) + wall_limit)
+        results["wall_limit_s"] = wall_limit
     spare = 0.0
     for name in PARTS:
         if name not in selected:
@@ -726,7 +756,7 @@ def main(argv=None) -> None:
         if budget < 15:
             part["status"] = f"skipped (no time left: {remaining:.0f} s of the {total:.0f} s budget)"
             continue
-        log = out / f"{name}.log"
+        log = parts_dir / f"{name}.log"
         print(f"[gpu-suite] {name}: budget {budget:.0f} s ...", flush=True)
         command_line = cmds[name] + (["--deadline", str(time.time() + budget - 10)] if name == "joint" else [])
         run = run_group(command_line, log, budget)
@@ -740,8 +770,8 @@ def main(argv=None) -> None:
             part["status"] = "done"
         part["log_tail"] = tail(log)
         try:
-            if name == "joint" and (out / "joint.json").exists():
-                part["data"] = json.loads((out / "joint.json").read_text())
+            if name == "joint" and (parts_dir / "joint.json").exists():
+                part["data"] = json.loads((parts_dir / "joint.json").read_text())
                 if part["data"].get("runs"):
                     part["summary"] = summarise_joint(part["data"], device, peak, args.dry_run)
                 if part["status"] == "done" and not part["data"].get("runs"):
@@ -752,24 +782,18 @@ def main(argv=None) -> None:
                         "passed" not in part["summary"]["verdict"]:
                     part["status"] = part["summary"]["verdict"].replace("dry run: ", "")
             elif name == "rprobe" and part["status"] == "done":
-                part["summary"] = summarise_rprobe(out / "rprobe.json", args.dry_run)
+                part["summary"] = summarise_rprobe(parts_dir / "rprobe.json", args.dry_run)
             elif name == "dpvr" and part["status"] == "done":
-                part["summary"] = summarise_dpvr(out / "dpvr.json", args.dry_run, 4 if args.dry_run else 18)
+                part["summary"] = summarise_dpvr(parts_dir / "dpvr.json", args.dry_run, 4 if args.dry_run else 18)
         except Exception as error:  # noqa: BLE001 - a part whose output cannot be read is named, not fatal
             part["error"] = f"reading its results failed: {error.__class__.__name__}: {error}"
         print(f"[gpu-suite] {name}: {part['status']} in {run['seconds']:.0f} s", flush=True)
+        save_progress(results, out, parts_dir, began)
     results["wall_s"] = time.time() - began
     write_json(out / "gpu_suite.json", results)
     report = markdown(results)
     (out / "gpu_suite.md").write_text(report)
-    # logs, part files and profile tables in one archive: the device tool brings back at most 8 files
-    loose = sorted(p for p in out.iterdir() if p.is_file() and p.name not in ("gpu_suite.json", "gpu_suite.md",
-                                                                             "gpu_suite_files.tar.gz", "env.log"))
-    with tarfile.open(out / "gpu_suite_files.tar.gz", "w:gz") as archive:
-        for path in loose:
-            archive.add(path, arcname=path.name)
-    for path in loose:
-        path.unlink()
+    archive_parts(parts_dir, out)
     if own_work:
         shutil.rmtree(args.work, ignore_errors=True)
     print(report)
