@@ -11,11 +11,11 @@
 #     index): the venv reuses the CUDA torch of the machine's own python3 (a .pth line adds that interpreter's
 #     site-packages after the venv's own, so the venv's pins win) and installs the carried wheels with
 #     --no-index --no-deps: the LLaVA-1.5 stack of constraints.txt (transformers 4.37.2, tokenizers 0.15.2,
-#     accelerate 0.34.2, peft 0.10.0, deepspeed 0.18.9), huggingface_hub < 1, deepspeed's pydantic/hjson,
-#     llava-torch 1.2.2.post1 and bitsandbytes (only its CUDA 13 and CPU libraries kept, to fit the 64 MiB the
-#     device tool carries). This checkout is put on the venv's path (a .pth line): the equivalent of `pip install -e .`
-#     without a build step. flash-attn is not installed (it compiles for minutes); it is used only if the
-#     machine's python3 already has it. The machine's other packages stay visible behind the venv's: one that
+#     accelerate 0.34.2, peft 0.10.0, deepspeed 0.18.9), huggingface_hub < 1, deepspeed's pydantic/hjson (with the
+#     typing_extensions >= 4.16 pydantic needs), llava-torch 1.2.2.post1 and bitsandbytes (only its CUDA 13 and CPU
+#     libraries kept, to fit the 64 MiB the device tool carries). This checkout is put on the venv's path (a .pth
+#     line): the equivalent of `pip install -e .` without a build step. flash-attn is not installed (it compiles
+#     for minutes); it is used only if the machine's python3 already has it. The machine's other packages stay visible behind the venv's: one that
 #     transformers 4.37 imports optionally and that needs a newer huggingface_hub (a recent `datasets`, absent from
 #     the project's GPU image) would break the imports; `check` runs that import chain and names it.
 #   online (no wheels, or GPU_ENV_ONLINE=1; a cluster with the index): README's install section, in a fresh venv:
@@ -56,7 +56,8 @@ fetch() {
     rm -f "$GPU_WHEELS"/*.whl
     pins=("$(pin transformers)" "$(pin tokenizers)" "$(pin accelerate)" "$(pin peft)"
         "huggingface_hub==0.36.2" "hjson==3.1.0" "pydantic==2.14.4" "pydantic_core==2.50.5"
-        "annotated-types==0.8.0" "typing-inspection==0.4.5" "llava-torch==1.2.2.post1" "$BITSANDBYTES")
+        "annotated-types==0.8.0" "typing-inspection==0.4.5" "typing_extensions==4.16.0" "llava-torch==1.2.2.post1"
+        "$BITSANDBYTES")
     platform=(--only-binary=:all: --python-version "$GPU_PY_VERSION" --implementation cp
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64)
