@@ -28,6 +28,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from llava_dsl.evaluate.benchmarks import LOADERS, SHORT_ANSWER
+from llava_dsl.evaluate.generate import EvalInputError
 
 # benchmark -> (split name lmms-eval's task reads, task name in scripts/lmms_eval/tasks)
 SPLITS = {"textvqa": ("validation", "textvqa_val_local"), "ocrbench": ("test", "ocrbench_local"),
@@ -110,7 +111,10 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default=None, help="chartqa: test (both parts, default), human or augmented")
     args = parser.parse_args(argv)
     extra = {"split": args.split} if args.split else {}
-    out = make_dataset(args.benchmark, args.data_dir, args.out, **extra)
+    try:
+        out = make_dataset(args.benchmark, args.data_dir, args.out, **extra)
+    except (EvalInputError, OSError) as error:  # a missing or malformed benchmark file: one line, no traceback
+        raise SystemExit(f"make_dataset.py {args.benchmark}: {error}") from None
     print(f"{args.benchmark}: wrote {out} (lmms-eval task {SPLITS[args.benchmark][1]}, split "
           f"{SPLITS[args.benchmark][0]})")
 
