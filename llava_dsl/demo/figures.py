@@ -6,10 +6,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def _save(image, out: str) -> None:
-    from llava_dsl.checkpointing.atomic import atomic_file
+    from llava_dsl.plots import save_png
 
-    with atomic_file(out) as temporary:
-        image.save(temporary, format="PNG")
+    save_png(image, out)
 
 
 def _smooth(values: Sequence[float], window: int) -> List[float]:
@@ -27,7 +26,11 @@ def line_panel(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], title
     """One line plot: a line per series, axes fitted to the data (not to 0), the legend under the title."""
     from PIL import Image, ImageDraw
 
-    from llava_dsl.diagnostics.plot import PALETTE, _Axis, _fmt, _font, _nice_ticks
+    from llava_dsl.plots import PALETTE
+    from llava_dsl.plots import Axis as _Axis
+    from llava_dsl.plots import font as _font
+    from llava_dsl.plots import nice_ticks as _nice_ticks
+    from llava_dsl.plots import tick_label
 
     width, height = size
     small, medium = _font(11), _font(13)
@@ -54,7 +57,7 @@ def line_panel(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], title
         if 0 <= y_axis.fraction(tick) <= 1:
             y = to_px(x_axis.low, tick)[1]
             draw.line([(left, y), (left + plot_w, y)], fill=(225, 225, 225))
-            draw.text((left - 6, y), _fmt(tick), fill="black", font=small, anchor="rm")
+            draw.text((left - 6, y), tick_label(tick), fill="black", font=small, anchor="rm")
     for tick in _nice_ticks(x_axis.low, x_axis.high):
         if 0 <= x_axis.fraction(tick) <= 1 and tick == int(tick):
             x = to_px(tick, 1.0)[0]
@@ -77,7 +80,7 @@ def tile(panels: Sequence, columns: int, title: Optional[str] = None):
     """Panels (PIL images of one size) in a grid under an optional title line."""
     from PIL import Image, ImageDraw
 
-    from llava_dsl.diagnostics.plot import _font
+    from llava_dsl.plots import font as _font
 
     width, height = panels[0].size
     rows = math.ceil(len(panels) / columns)

@@ -123,8 +123,11 @@ def make_plan(scale: float = 1.0, steps: Optional[int] = None, seed: int = 0, qu
 
 def build_models(plan: Plan, root: Optional[str] = None) -> Dict[str, str]:
     """The pretrained tower (``plan.tower_variant``) and LM from the asset cache, built there on first use."""
+    import torch
+
     from llava_dsl.assets.pretrained import build
 
+    torch.set_num_threads(1)  # tiny matrices on shared cores: two threads made a pretraining step over ten times slower
     return build(plan.tower_variant, root=root, reduced=plan.quick_assets, lm_variant=plan.lm_variant,
                  log=lambda message: print(f"  {message}", flush=True))
 
