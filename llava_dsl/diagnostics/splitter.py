@@ -44,8 +44,18 @@ def group_bounds(concat_order: Sequence[int]) -> List[tuple]:
     return bounds
 
 
+def vision_transformer(clip: nn.Module) -> nn.Module:
+    """The module holding ``embeddings``, ``pre_layrnorm`` and ``encoder.layers``: ``CLIPVisionModel.vision_model``
+    (transformers 4.x), or the model itself where there is no such wrapper (``CLIPVisionModel`` in 5.x)."""
+    vision = getattr(clip, "vision_model", clip)
+    if not all(hasattr(vision, name) for name in ("embeddings", "pre_layrnorm", "encoder")):
+        raise TypeError(f"grad stats: {type(clip).__name__} is not a CLIP vision tower (expected embeddings, "
+                        f"pre_layrnorm and encoder.layers, directly or under .vision_model)")
+    return vision
+
+
 def block_groups(clip: CLIPVisionModel, concat_order: Sequence[int]) -> List[BlockGroup]:
-    vision = clip.vision_model
+    vision = vision_transformer(clip)
     trainable = lambda modules: [p for m in modules for p in m.parameters() if p.requires_grad]
     groups = []
     for name, first, last in group_bounds(concat_order):
@@ -85,6 +95,11 @@ class GradientSplitter:
     ``tower``: the module whose forward returns the projector input (LLaVA's vision tower with a
     ``layer_spec``, a ``select_feature`` and a Hugging Face ``CLIPVisionModel`` as ``vision_tower``).
 
+    Other layouts (stock transformers' Llava, ``llava_dsl.hf.diagnostics``) pass ``clip`` (the CLIP vision model),
+    ``spec`` (``concat_order``, ``main``, ``taps``, ``detached_layers``) and ``features_at``: the module whose first
+    input is the projector input (``multi_modal_projector``); ``tower`` is then the module whose forward starts a
+    measured pass (the CLIP model itself).
+
         splitter = GradientSplitter(tower)
         with splitter.observing():
             model(**batch).loss.backward()      # as many micro-batches as the step has
@@ -94,10 +109,12 @@ class GradientSplitter:
     Hooks exist only while observing; the normal backward and ``.grad`` are unchanged.
     """
 
-    def __init__(self, tower: nn.Module, grad_scale: Optional[Callable[[], float]] = None):
+    def __init__(self, tower: nn.Module, grad_scale: Optional[Callable[[], float]] = None, *,
+                 clip: Optional[nn.Module] = None, spec=None, features_at: Optional[nn.Module] = None):
         self.tower = tower
-        self.spec = tower.layer_spec
-        self.clip: CLIPVisionModel = tower.vision_tower
+        self.spec = tower.layer_spec if spec is None else spec
+        self.clip: CLIPVisionModel = tower.vision_tower if clip is None else clip
+        self.features_at = features_at
         self.groups = block_groups(self.clip, self.spec.concat_order)
         self.width = self.clip.config.hidden_size
         self.grad_scale = grad_scale or (lambda: 1.0)
@@ -125,29 +142,35 @@ class GradientSplitter:
     def install(self) -> None:
         if self._handles:
             return
-        vision = self.clip.vision_model
+        vision = vision_transformer(self.clip)
         wanted = set(self.spec.concat_order)
         self._handles.append(self.tower.register_forward_pre_hook(self._on_tower_start))
-        self._handles.append(self.tower.register_forward_hook(self._on_tower_output))
+        if self.features_at is None:
+            self._handles.append(self.tower.register_forward_hook(self._on_tower_output))
+        else:  # a forward hook sees the input as consumed (after any pre-hook, e.g. the Detached Skip-Links one)
+            self._handles.append(self.features_at.register_forward_hook(
+                lambda module, args, output: self._on_tower_output(module, args, args[0])))
         self._handles.append(vision.pre_layrnorm.register_forward_hook(self._on_state(0, start=True)))
         for layer in sorted(wanted - {0}):
             self._handles.append(vision.encoder.layers[layer - 1].register_forward_hook(self._on_state(layer)))
-        encoder = vision.encoder
-        if getattr(encoder, "gradient_checkpointing", False):
-            # Reentrant checkpointing cannot serve torch.autograd.grad (and would write into .grad); for the
-            # measured step the same blocks are checkpointed non-reentrantly: same values, same recompute.
-            self._saved_checkpoint_func = encoder._gradient_checkpointing_func
-            encoder._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
-                                                                     use_reentrant=False)
+        # Reentrant checkpointing cannot serve torch.autograd.grad (and would write into .grad); for the
+        # measured step the same blocks are checkpointed non-reentrantly: same values, same recompute. The
+        # function sits on the encoder (transformers 4.37) or on each block (GradientCheckpointingLayer, >= 4.52).
+        self._saved_checkpoint_func = []
+        for module in [vision.encoder] + list(vision.encoder.layers):
+            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+                self._saved_checkpoint_func.append((module, module._gradient_checkpointing_func))
+                module._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                        use_reentrant=False)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._armed = False
-        if self._saved_checkpoint_func is not None:
-            self.clip.vision_model.encoder._gradient_checkpointing_func = self._saved_checkpoint_func
-            self._saved_checkpoint_func = None
+        for module, func in self._saved_checkpoint_func or []:
+            module._gradient_checkpointing_func = func
+        self._saved_checkpoint_func = None
 
     def _on_tower_start(self, module, args):
         self._armed = True

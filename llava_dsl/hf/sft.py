@@ -42,6 +42,11 @@ class DSLArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base weights (CUDA only)"})
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     mm_routing: Optional[str] = field(default=None, metadata={"help": "refused: DPVR-LF needs a modeling fork"})
+    dsl_grad_stats_every: int = field(default=0, metadata={
+        "help": "split the tower's gradient into main and skip parts every N optimizer steps (0: off); "
+                "docs/diagnostics.md"})
+    dsl_grad_stats_dense_steps: int = field(default=0, metadata={"help": "also measure each of the first K steps"})
+    dsl_grad_stats_window: int = field(default=10, metadata={"help": "measured steps per statistics window"})
 
 
 def _fail(message: str):
@@ -70,6 +75,18 @@ def check_arguments(dsl: DSLArguments, args) -> None:
         _fail("--dsl_off True with --dsl_detach_layers/--dsl_detach_depth: naive fusion detaches nothing; give one")
     if dsl.dsl_skip_layers is not None and dsl.dsl_skip_stride is not None:
         _fail(f"--dsl_skip_layers={dsl.dsl_skip_layers!r} and --dsl_skip_stride={dsl.dsl_skip_stride}: use one")
+    from .core import DSLError
+    from .diagnostics import check_grad_stats_flags
+
+    try:
+        measured = check_grad_stats_flags(dsl.dsl_grad_stats_every, dsl.dsl_grad_stats_dense_steps,
+                                          dsl.dsl_grad_stats_window)
+    except DSLError as e:
+        _fail(str(e))
+    if measured and dsl.freeze_vision_tower:
+        _fail(f"--dsl_grad_stats_every={dsl.dsl_grad_stats_every} / --dsl_grad_stats_dense_steps="
+              f"{dsl.dsl_grad_stats_dense_steps} with --freeze_vision_tower True: a frozen tower gets no gradient to "
+              f"split")
     if not os.path.exists(dsl.model_name_or_path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         _fail(f"--model_name_or_path={dsl.model_name_or_path!r}: no such folder (and the hub is offline)")
 
@@ -94,6 +111,42 @@ def resolve_checkpoint(value, output_dir):
     if not os.path.isdir(value):
         _fail(f"--resume_from_checkpoint={value!r}: no such checkpoint folder (or pass 'latest')")
     return value
+
+
+def _flag(argv, name):
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def prepare_cpu_deepspeed(argv):
+    """A ``--deepspeed`` run on a machine without CUDA gets what the LLaVA path's CPU runs get
+    (llava_dsl.compat.deepspeed): ZeRO-3's sequential all-gather (the coalesced one races under gloo), and the process
+    group initialised here, before the Trainer reads the world size, with DeepSpeed's shared-memory all-reduce buffers
+    unlinked once every rank has mapped them. Without that early init the Trainer's DeepSpeed config is built for
+    one process under a multi-rank launch (train_batch_size 4 != 2 * 1 * 1). There, ``--use_cpu True`` (the only
+    device) and ``--bf16 False`` (TRL's bf16 default assumes a GPU) are added when not given, and said so."""
+    import torch
+
+    if not _flag(argv, "deepspeed") or torch.cuda.is_available():
+        return argv
+    from llava_dsl.compat.deepspeed import cpu_safe_deepspeed_argv, init_deepspeed_distributed
+    from llava_dsl.compat.distributed import say_once
+
+    argv = cpu_safe_deepspeed_argv(argv, cuda=False)
+    added = []
+    for name in ("use_cpu", "bf16"):
+        if _flag(argv, name) is None:
+            value = "True" if name == "use_cpu" else "False"
+            argv += [f"--{name}", value]
+            added.append(f"--{name} {value}")
+    if added:
+        say_once(f"DeepSpeed without CUDA: {' '.join(added)} (pass them to choose otherwise)")
+    init_deepspeed_distributed(cuda=False, timeout_s=float(_flag(argv, "ddp_timeout") or 1800))
+    return argv
 
 
 def build_model(dsl: DSLArguments, args, weights_from=None):
@@ -144,12 +197,14 @@ def build_model(dsl: DSLArguments, args, weights_from=None):
 
 
 def main(argv=None):
+    import torch
     from transformers import AutoProcessor, HfArgumentParser
     from trl import SFTConfig, SFTTrainer
 
     from .core import CONFIG_KEY, TowerLRMixin, unwrap_model
     from .data import DataError, LlavaChatCollator, load_llava_json
 
+    argv = prepare_cpu_deepspeed(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser((DSLArguments, SFTConfig))
     dsl, args = parser.parse_args_into_dataclasses(args=argv)
     check_arguments(dsl, args)
@@ -190,11 +245,23 @@ def main(argv=None):
 
     trainer = DSLSFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=LlavaChatCollator(processor),
                             processing_class=processor, vision_tower_lr=dsl.vision_tower_lr)
+    from .core import DSLError
+    from .diagnostics import attach_grad_stats
+
+    try:
+        attach_grad_stats(trainer, dsl.dsl_grad_stats_every, dsl.dsl_grad_stats_dense_steps, dsl.dsl_grad_stats_window,
+                          resume_from=resume)
+    except DSLError as e:
+        _fail(f"{e} (model {dsl.model_name_or_path!r})")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output_dir)
         print(f"llava_dsl.hf.sft: saved to {args.output_dir} ({CONFIG_KEY}={chosen})")
+    if args.deepspeed and not torch.cuda.is_available():
+        from llava_dsl.compat.distributed import close_process_group
+
+        close_process_group()  # gloo ranks occasionally crash at interpreter exit without it
     return trainer
 
 
