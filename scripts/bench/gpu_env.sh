@@ -15,9 +15,10 @@
 #     typing_extensions >= 4.16 pydantic needs), llava-torch 1.2.2.post1 and bitsandbytes (only its CUDA 13 and CPU
 #     libraries kept, to fit the 64 MiB the device tool carries). This checkout is put on the venv's path (a .pth
 #     line): the equivalent of `pip install -e .` without a build step. flash-attn is not installed (it compiles
-#     for minutes); it is used only if the machine's python3 already has it. The machine's other packages stay visible behind the venv's: one that
-#     transformers 4.37 imports optionally and that needs a newer huggingface_hub (a recent `datasets`, absent from
-#     the project's GPU image) would break the imports; `check` runs that import chain and names it.
+#     for minutes); it is used only if the machine's python3 already has it. The machine's other packages stay
+#     visible behind the venv's: one that transformers 4.37 imports optionally and that needs a newer
+#     huggingface_hub (a recent `datasets`, absent from the project's GPU image) would break the imports; `check`
+#     runs that import chain and names it.
 #   online (no wheels, or GPU_ENV_ONLINE=1; a cluster with the index): README's install section, in a fresh venv:
 #     torch==2.13.0 (resolves to a CUDA build on a CUDA machine), deepspeed with --no-build-isolation,
 #     llava-torch --no-deps, the package with [test], bitsandbytes.
