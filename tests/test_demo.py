@@ -1,6 +1,7 @@
-"""The built-in demo (``make demo``) at a reduced scale, on the reduced build of the pretrained parts: it runs the
-package's own command lines end to end, writes every promised output, well-formed, and every arm reads held-out
-digit strings far better than a model that ignores the image can."""
+"""The built-in demo (``make demo``) as users run it, on the pretrained parts in the asset cache ($LLAVA_DSL_ASSETS or
+~/.cache/llava_dsl/assets; built there first if missing): it runs the package's own command lines end to end,
+writes every promised output, well-formed, and every arm reads held-out digit strings far better than a model that
+ignores the image can. (The reduced asset build reads too little for this: 47 % of characters; see docs/demo.md.)"""
 import collections
 import json
 import math
@@ -15,19 +16,14 @@ from llava_dsl.demo.pipeline import BENCHMARKS, MARKER, PROJECTORS, DemoError, S
 
 SCALE = 1.0
 
-
-def shared_assets_root(tmp_path_factory) -> str:
-    """The asset cache of this test session, the one tests/test_assets_pretrained.py builds the reduced parts in."""
-    return str(tmp_path_factory.getbasetemp() / "llava_dsl_assets")
-PLAN = make_plan(SCALE, quick_assets=True)
+PLAN = make_plan(SCALE)
 FIGURES = ("loss_curves", "tower_grad_norms", "grad_stats", "rprobe_mse", "rprobe_reconstructions")
 
 
 @pytest.fixture(scope="module")
 def reduced_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo_output"
-    result = run_module("llava_dsl.demo", ["--scale", SCALE, "--quick_assets", "--output_dir", out],
-                        env={"LLAVA_DSL_ASSETS": shared_assets_root(tmp_path_factory)}, timeout=1500)
+    result = run_module("llava_dsl.demo", ["--scale", SCALE, "--output_dir", out], timeout=3000)
     return out, result.stdout
 
 
