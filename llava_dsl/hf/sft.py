@@ -126,9 +126,10 @@ def prepare_cpu_deepspeed(argv):
     """A ``--deepspeed`` run on a machine without CUDA gets what the LLaVA path's CPU runs get
     (llava_dsl.compat.deepspeed): ZeRO-3's sequential all-gather (the coalesced one races under gloo), and the process
     group initialised here, before the Trainer reads the world size, with DeepSpeed's shared-memory all-reduce buffers
-    unlinked once every rank has mapped them. Without that early init the Trainer's DeepSpeed config is built for
-    one process under a multi-rank launch (train_batch_size 4 != 2 * 1 * 1). There, ``--use_cpu True`` (the only
-    device) and ``--bf16 False`` (TRL's bf16 default assumes a GPU) are added when not given, and said so."""
+    unlinked once every rank has mapped them. Without that early init, the batch size the Trainer writes into the
+    DeepSpeed config (for the launcher's world size) fails DeepSpeed's own check, which sees one process
+    (train_batch_size 4 != 2 * 1 * 1). ``--use_cpu True`` (without it accelerate sees one process on a machine
+    without CUDA) and ``--bf16 False`` (TRL's bf16 default assumes a GPU) are added when not given, and said so."""
     import torch
 
     if not _flag(argv, "deepspeed") or torch.cuda.is_available():

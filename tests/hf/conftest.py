@@ -24,3 +24,8 @@ else:
     for path in (ROOT, HERE):
         if path not in sys.path:
             sys.path.insert(0, path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "launch: starts the entry point in subprocesses (launchers, kill, resume); "
+                                       "make test-hf runs these once, in the transformers 5.x environment")

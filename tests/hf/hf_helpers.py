@@ -16,7 +16,12 @@ def child_env(**extra):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true",
-           "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), **extra}
+           "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
+           # DeepSpeed JIT-builds its CPU ops into a cache shared by every environment of this torch; the main
+           # .venv's older DeepSpeed leaves a deepspeed_shm_comm there that this one cannot use (no
+           # vector_kernel_level). Each environment keeps its own (make venv-hf5 builds it).
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")),
+           **extra}
     return {k: v for k, v in env.items() if v is not None}
 
 

@@ -1,5 +1,8 @@
-"""Training through the ecosystem's own loops: one Trainer SGD step, the TRL entry point, resume after a kill,
-DDP with a main layer below the last block, 2-rank ZeRO-3 against one process (CPU, gloo)."""
+"""Training through the ecosystem's own loops: one Trainer SGD step and the entry point's refusals (in process, in
+both environments); then, marked ``launch`` and run once, in the transformers 5.x environment (make test-hf5): the
+entry point end to end, resume after a kill, 2-rank ZeRO-3 against one process (the deepspeed launcher, CPU, gloo)
+and DDP with a main layer below the last block. One uninterrupted single-process run is the reference for the
+end-to-end checks, for the resumed run and for ZeRO-3."""
 import json
 import os
 import signal
@@ -14,6 +17,9 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from hf_helpers import ROOT, child_env, free_port, grads, run
+from llava_dsl.diagnostics.__main__ import main as diagnostics_main
+from llava_dsl.diagnostics.stats import STATS_FILE
+from llava_dsl.hf import sft
 from llava_dsl.hf import TowerLRMixin, apply_detached_skip_links, remove_detached_skip_links
 from llava_dsl.hf.tiny import llava_inputs, save_tiny_llava, tiny_llava
 from test_core import backward
@@ -89,12 +95,19 @@ def sft_args(data, output_dir, model="model", steps=4, **extra):
     args = {"model_name_or_path": data / model, "data_path": data / "data.json", "image_folder": data / "images",
             "output_dir": output_dir, "max_steps": steps, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
             "vision_tower_lr": 1e-4, "dsl_detach_depth": 1, "logging_steps": 1, "save_strategy": "no",
-            "use_cpu": True, "seed": 0, "report_to": "none", "lr_scheduler_type": "constant",
+            "use_cpu": True, "bf16": False, "seed": 0, "report_to": "none", "lr_scheduler_type": "constant",
             "dataloader_num_workers": 0, **extra}
     out = []
     for k, v in args.items():
-        out += [f"--{k}", str(v)]
+        if v is not None:
+            out += [f"--{k}", str(v)]
     return out
+
+
+def loaded(folder):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(folder)).state_dict()
 
 
 def weights(folder):
@@ -105,9 +118,65 @@ def weights(folder):
     return out
 
 
-def test_entry_point_trains_saves_the_choice_and_reloads_with_the_guard(data, tmp_path):
-    out = tmp_path / "run"
-    _, log = run([sys.executable, "-m", "llava_dsl.hf.sft"] + sft_args(data, out, steps=3))
+# --------------------------------------------------------------------------------------------------
+# The entry point's refusals, in process (main() is what python -m runs; each fails before training)
+# --------------------------------------------------------------------------------------------------
+def _refused(argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        sft.main([str(a) for a in argv])
+    assert raised.value.code == 2, raised.value.code
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mm_routing", "dpvr_lf"], "DPVR-LF is not available on the stock Hugging Face path"),
+    (["--load_in_4bit", "True", "--lora_r", "4"], "needs a CUDA GPU"),
+    (["--dsl_detach_layers", "2"], "detach_layers=[2]: layer 2 is not a tapped layer"),
+    (["--vision_tower_lr", "1e-4", "--freeze_vision_tower", "True"], "a frozen tower has no learning rate"),
+    (["--dsl_grad_stats_every", "2", "--dsl_grad_stats_window", "1"], "--dsl_grad_stats_window=1: a window needs"),
+    (["--dsl_grad_stats_dense_steps", "-1"], "--dsl_grad_stats_dense_steps=-1: expected >= 0"),
+])
+def test_entry_point_refuses_bad_flags(data, tmp_path, capsys, flags, message):
+    err = _refused(sft_args(data, tmp_path / "x") + flags, capsys)
+    assert message in err, err[-2000:]
+    assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_entry_point_names_bad_data(data, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    records = json.load(open(data / "data.json"))
+    records[3]["image"] = "missing.png"
+    bad.write_text(json.dumps(records))
+    args = sft_args(data, tmp_path / "x")
+    args[args.index("--data_path") + 1] = str(bad)
+    err = _refused(args, capsys)
+    assert "record 3 (id 's3')" in err and "missing.png" in err and str(bad) in err, err[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Launched runs (marker ``launch``: once, in the 5.x environment)
+# --------------------------------------------------------------------------------------------------
+STEPS, EVERY = 6, 2
+
+
+def _reference_args(data, out, **extra):
+    """Batch 4 on one process; the detach choice left to the config default (taps in the first half: [1])."""
+    return sft_args(data, out, steps=STEPS, **{
+        "per_device_train_batch_size": 4, "dsl_detach_depth": None, "save_strategy": "steps", "save_steps": EVERY,
+        "dsl_grad_stats_dense_steps": STEPS, "dsl_grad_stats_window": 2, **extra})
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One uninterrupted single-process run of ``python -m llava_dsl.hf.sft``: (output folder, log)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    _, log = run([sys.executable, "-m", "llava_dsl.hf.sft"] + _reference_args(data, out))
+    return out, log
+
+
+@pytest.mark.launch
+def test_entry_point_trains_saves_the_choice_and_measures_the_split(data, reference, tmp_path):
+    out, log = reference
     assert "dsl_detach_layers=[1]" in log and "post_layernorm" in log
     with open(out / "config.json") as f:
         assert json.load(f)["dsl_detach_layers"] == [1]
@@ -116,43 +185,27 @@ def test_entry_point_trains_saves_the_choice_and_reloads_with_the_guard(data, tm
     assert tower and any(not torch.equal(w0[k], w1[k]) for k in tower)  # the tower trained
     post = [k for k in w0 if "post_layernorm" in k]
     assert post and all(torch.equal(w0[k], w1[k]) for k in post)  # frozen: no loss reaches it
+    # --dsl_grad_stats_*: the LLaVA path's file, every step measured, windows of 2, drawn by the diagnostics plot
+    stats = json.loads((out / STATS_FILE).read_text())
+    assert stats["layer_spec"] == {"num_blocks": 4, "main": 4, "taps": [3, 1], "detached_layers": [1]}
+    assert [s["step"] for s in stats["steps"]] == list(range(1, STEPS + 1))
+    assert len(stats["windows"]) == STEPS // 2
+    assert stats["windows"][0]["groups"]["block_1"]["norm_skip"] > 0
+    assert "dsl_grad/block_1/trcov_ratio" in log
+    diagnostics_main(["plot", str(out), "--out", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--mm_routing", "dpvr_lf"], "DPVR-LF is not available on the stock Hugging Face path"),
-    (["--load_in_4bit", "True", "--lora_r", "4"], "needs a CUDA GPU"),
-    (["--dsl_detach_layers", "2"], "detach_layers=[2]: layer 2 is not a tapped layer"),
-    (["--vision_tower_lr", "1e-4", "--freeze_vision_tower", "True"], "a frozen tower has no learning rate"),
-])
-def test_entry_point_refuses_bad_flags(data, tmp_path, flags, message):
-    rc, log = run([sys.executable, "-m", "llava_dsl.hf.sft"] + sft_args(data, tmp_path / "x") + flags, check=False)
-    assert rc != 0 and message in log, log[-2000:]
-
-
-def test_entry_point_names_bad_data(data, tmp_path):
-    bad = tmp_path / "bad.json"
-    records = json.load(open(data / "data.json"))
-    records[3]["image"] = "missing.png"
-    bad.write_text(json.dumps(records))
-    args = sft_args(data, tmp_path / "x")
-    args[args.index("--data_path") + 1] = str(bad)
-    rc, log = run([sys.executable, "-m", "llava_dsl.hf.sft"] + args, check=False)
-    assert rc != 0 and "record 3 (id 's3')" in log and "missing.png" in log and str(bad) in log, log[-2000:]
-
-
-def test_resume_after_a_kill_equals_the_uninterrupted_run(data, tmp_path):
-    steps, every = 24, 4
-    full = tmp_path / "full"
-    run([sys.executable, "-m", "llava_dsl.hf.sft"] + _no_depth(sft_args(
-        data, full, steps=steps, save_strategy="steps", save_steps=every)))
+@pytest.mark.launch
+def test_resume_after_a_kill_equals_the_uninterrupted_run(data, reference, tmp_path):
+    full, _ = reference
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "llava_dsl.hf.sft"] + _no_depth(sft_args(
-        data, killed, steps=steps, save_strategy="steps", save_steps=every))
+    command = [sys.executable, "-m", "llava_dsl.hf.sft"] + _reference_args(data, killed)
     p = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if (killed / f"checkpoint-{every}" / "trainer_state.json").exists():
+        if (killed / f"checkpoint-{EVERY}" / "trainer_state.json").exists():
             os.killpg(p.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -169,12 +222,31 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(data, tmp_path):
     assert any(not torch.equal(w0[k], a[k]) for k in a if "layers.0." in k and "vision_tower" in k)
 
 
-def _no_depth(args):
-    """Leave the detach choice to the config default (taps in the first half: [1])."""
-    i = args.index("--dsl_detach_depth")
-    return args[:i] + args[i + 2:]
+@pytest.mark.launch
+def test_zero3_two_ranks_equal_one_process(data, reference, tmp_path):
+    """The deepspeed launcher, 2 CPU ranks (gloo) x batch 2 under ZeRO-3 (scripts/hf/zero3.json) against the
+    reference's one process x batch 4 without DeepSpeed: the same samples per step, the same weights after it."""
+    one, _ = reference
+    two = tmp_path / "two"
+    _, log = run(["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "llava_dsl.hf.sft"]
+                 + _reference_args(data, two, per_device_train_batch_size=2, save_strategy="no",
+                                   dsl_grad_stats_dense_steps=None, dsl_grad_stats_window=None, use_cpu=None,
+                                   bf16=None, deepspeed=os.path.join(ROOT, "scripts", "hf", "zero3.json")), timeout=500)
+    assert "stage3_allgather_sequential=true" in log  # the CPU-safe config of llava_dsl.compat.deepspeed
+    # no --use_cpu / --bf16 given: the entry point adds them on a machine without CUDA, and says so
+    assert "dist_world_size=2" in log and "DeepSpeed without CUDA: --use_cpu True --bf16 False" in log
+    # read back as users do: transformers 5.x writes the ZeRO-3-gathered state dict under its legacy key names
+    # (language_model.model.model.*), which from_pretrained maps back
+    a, b = loaded(one), loaded(two)
+    assert a.keys() == b.keys()
+    w0 = loaded(data / "model")
+    moved = [k for k in a if "vision_tower" in k and "layers.0." in k and not torch.equal(w0[k], a[k])]
+    assert moved
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.launch
 def test_ddp_two_ranks_with_unused_tower_blocks(data, tmp_path):
     """Main layer 3 of a 4-block tower: block 4 and post_layernorm get no gradient. Without the freeze DDP fails
     ("Expected to have finished reduction"); with it, two gloo ranks train."""
@@ -186,28 +258,3 @@ def test_ddp_two_ranks_with_unused_tower_blocks(data, tmp_path):
     assert "encoder.layers.3" in log
     with open(out / "config.json") as f:
         assert json.load(f)["dsl_detach_layers"] == [1]
-
-
-@pytest.mark.skip(reason="unfinished: with --use_cpu True the Trainer builds the DeepSpeed config for world size 1 "
-                         "under a 2-rank launch (train_batch_size 4 != 2 * 1 * 1); the CPU ZeRO-3 run also takes "
-                         "about 3.5 min here, over this suite's budget")
-def test_zero3_two_ranks_equal_one_process(data, tmp_path):
-    ds = os.path.join(ROOT, "scripts", "hf", "zero3.json")
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(steps=2, deepspeed=ds, gradient_accumulation_steps=1)
-    run(["deepspeed", "--num_gpus", "1", "--master_port", free_port(), "--module", "llava_dsl.hf.sft"]
-        + _bs(sft_args(data, one, **common), 4), timeout=400)
-    run(["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "llava_dsl.hf.sft"]
-        + _bs(sft_args(data, two, **common), 2), timeout=400)
-    a, b = weights(one), weights(two)
-    assert a.keys() == b.keys()
-    w0 = weights(data / "model")
-    moved = [k for k in a if "vision_tower" in k and "layers.0." in k and not torch.equal(w0[k], a[k])]
-    assert moved
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-
-
-def _bs(args, n):
-    i = args.index("--per_device_train_batch_size")
-    return args[:i + 1] + [str(n)] + args[i + 2:]
