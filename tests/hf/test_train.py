@@ -220,6 +220,16 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(data, reference, tmp_p
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     w0 = weights(data / "model")
     assert any(not torch.equal(w0[k], a[k]) for k in a if "layers.0." in k and "vision_tower" in k)
+    # the gradient statistics continue: the steps after the checkpoint are measured as in the uninterrupted run (the
+    # steps before it are there too when the kill came after the checkpoint's on_save)
+    full_steps = {r["step"]: r for r in json.loads((full / STATS_FILE).read_text())["steps"]}
+    resumed = json.loads((killed / STATS_FILE).read_text())["steps"]
+    assert [r["step"] for r in resumed][-2:] == [STEPS - 1, STEPS]
+    for record in resumed:
+        for group, values in record["groups"].items():
+            for key in ("norm_main", "norm_skip"):
+                assert values[key] == pytest.approx(full_steps[record["step"]]["groups"][group][key], rel=1e-4,
+                                                    abs=1e-9), (record["step"], group, key)
 
 
 @pytest.mark.launch
@@ -230,8 +240,7 @@ def test_zero3_two_ranks_equal_one_process(data, reference, tmp_path):
     two = tmp_path / "two"
     _, log = run(["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "llava_dsl.hf.sft"]
                  + _reference_args(data, two, per_device_train_batch_size=2, save_strategy="no",
-                                   dsl_grad_stats_dense_steps=None, dsl_grad_stats_window=None, use_cpu=None,
-                                   bf16=None, deepspeed=os.path.join(ROOT, "scripts", "hf", "zero3.json")), timeout=500)
+                                   use_cpu=None, bf16=None, deepspeed=os.path.join(ROOT, "scripts", "hf", "zero3.json")), timeout=500)
     assert "stage3_allgather_sequential=true" in log  # the CPU-safe config of llava_dsl.compat.deepspeed
     # no --use_cpu / --bf16 given: the entry point adds them on a machine without CUDA, and says so
     assert "dist_world_size=2" in log and "DeepSpeed without CUDA: --use_cpu True --bf16 False" in log
@@ -244,6 +253,15 @@ def test_zero3_two_ranks_equal_one_process(data, reference, tmp_path):
     assert moved
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the gradient split under ZeRO-3, averaged over the ranks, is the one process's
+    one_stats, two_stats = (json.loads((d / STATS_FILE).read_text()) for d in (one, two))
+    assert two_stats["zero3"] is True and two_stats["world_size"] == 2
+    assert [r["step"] for r in two_stats["steps"]] == [r["step"] for r in one_stats["steps"]]
+    for r1, r2 in zip(one_stats["steps"], two_stats["steps"]):
+        for group, values in r1["groups"].items():
+            for key in ("norm_main", "norm_skip", "norm_applied"):
+                assert r2["groups"][group][key] == pytest.approx(values[key], rel=1e-3, abs=1e-9), \
+                    (r1["step"], group, key)
 
 
 @pytest.mark.launch
