@@ -104,3 +104,34 @@ def test_refusals_name_the_value():
     with pytest.raises(DSLError, match="--dsl_grad_stats_window=1"):
         check_grad_stats_flags(5, 0, 1)
     assert check_grad_stats_flags(0, 0, 1) is False
+
+
+@pytest.mark.parametrize("order", ["dsl_then_peft", "peft_then_dsl"])
+def test_split_under_peft_reads_the_trained_copy_of_the_tower(order):
+    """With LoRA, the tower and projector train as PEFT modules_to_save copies: the split follows the copy that runs,
+    and what it says training applies is that copy's .grad."""
+    from peft import LoraConfig, get_peft_model
+
+    from llava_dsl.hf import lora_target_modules
+
+    model = tiny_llava(vision_feature_layer=(4, 3, 1))
+    inputs = llava_inputs(model)
+    if order == "dsl_then_peft":
+        apply_detached_skip_links(model, detach_layers=[1])
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_modules(model),
+                                             modules_to_save=["multi_modal_projector", "vision_tower"]))
+    if order == "peft_then_dsl":
+        apply_detached_skip_links(model, detach_layers=[1])
+    model.train()
+    clip, projector, layout = feature_layout(model)
+    assert ".modules_to_save.default" in next(n for n, m in model.named_modules() if m is clip)
+    assert layout.detached_layers == (1,)
+    splitter = GradientSplitter(clip, clip=clip, spec=layout, features_at=projector)
+    with splitter.observing():
+        model(**inputs).loss.backward()
+    parts = splitter.take()
+    for group in splitter.groups[:2]:  # embeddings and block_1: reached by both taps
+        main, skip, applied = split_into_main_and_skip(parts, layout, group.name)
+        grad = torch.cat([p.grad.reshape(-1) for p in group.params])
+        torch.testing.assert_close(applied, grad, rtol=1e-5, atol=1e-7, msg=group.name)
+        assert skip.norm() > 0 and not torch.allclose(main + skip, grad, rtol=1e-4, atol=1e-6)
