@@ -104,3 +104,19 @@ def test_answers_are_normalised_before_exact_match():
     assert char_accuracy("1235", "1234") == 0.75
     assert char_accuracy("12", "1234") == 0.5      # missing positions count wrong
     assert char_accuracy("123456", "1234") == 4 / 6  # extra positions count wrong
+
+
+def test_bad_plan_flags_name_the_value():
+    from llava_dsl.study.plan import PlanError, make_plan, parse_seeds
+
+    assert parse_seeds("0,1,2") == (0, 1, 2)
+    for text in ("a,b", "1,1", "-1", ""):
+        with pytest.raises(PlanError, match="--seeds"):
+            parse_seeds(text)
+    with pytest.raises(PlanError, match=r"--scale -1"):
+        make_plan(-1)
+    with pytest.raises(PlanError, match="--device 'tpu'"):
+        make_plan(1, device="tpu")
+    # every arm gets one plan: the steps follow the scale, the regime is the searched one
+    plan = make_plan(2)
+    assert plan.stage2_steps == 2 * make_plan(1).stage2_steps and plan.fixed_theta_points == ("start", "mid", "end")
