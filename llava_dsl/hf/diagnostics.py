@@ -55,7 +55,7 @@ def _active(module: nn.Module) -> nn.Module:
     copies = getattr(module, "modules_to_save", None)
     if isinstance(copies, nn.ModuleDict) and hasattr(module, "original_module"):
         active = getattr(module, "active_adapter", None)
-        active = active if isinstance(active, str) else (list(active)[0] if active else None)
+        active = active if isinstance(active, str) else next(iter(active), None) if active else None
         if active in copies:
             return copies[active]
     return module

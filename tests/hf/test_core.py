@@ -4,12 +4,20 @@ import logging
 
 import pytest
 import torch
-import transformers
-
 from hf_helpers import assert_same, grads
-from llava_dsl.hf import (DSLError, DSLNotAppliedError, apply_detached_skip_links, dsl_llava_config, is_applied,
-                          lora_target_modules, remove_detached_skip_links, tower_param_groups, tower_parameter_names)
-from llava_dsl.hf.tiny import V5, llava_inputs, qwen3_vl_inputs, tiny_llava, tiny_qwen3_vl
+
+from llava_dsl.hf import (
+    DSLError,
+    DSLNotAppliedError,
+    apply_detached_skip_links,
+    dsl_llava_config,
+    is_applied,
+    lora_target_modules,
+    remove_detached_skip_links,
+    tower_param_groups,
+    tower_parameter_names,
+)
+from llava_dsl.hf.tiny import llava_inputs, qwen3_vl_inputs, tiny_llava, tiny_qwen3_vl
 
 FAMILIES = ["llava", "llava_next", "qwen3_vl"]
 

@@ -6,16 +6,16 @@ import math
 
 import pytest
 import torch
+from hf_helpers import grads
+from test_core import backward
 from transformers import Trainer, TrainingArguments
 
-from hf_helpers import grads
 from llava_dsl.diagnostics.__main__ import main as diagnostics_main
 from llava_dsl.diagnostics.splitter import GradientSplitter, split_into_main_and_skip
 from llava_dsl.diagnostics.stats import STATS_FILE
 from llava_dsl.hf import DSLError, apply_detached_skip_links
 from llava_dsl.hf.diagnostics import attach_grad_stats, feature_layout
 from llava_dsl.hf.tiny import llava_inputs, tiny_llava, tiny_qwen3_vl
-from test_core import backward
 
 PREFIX = "model.vision_tower."
 

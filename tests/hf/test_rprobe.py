@@ -30,7 +30,7 @@ def test_probe_layers_start_equal_to_the_lm_and_read_tokens_as_it_does():
     assert tokens.shape == (2, 16, lm.config.hidden_size)
     with torch.no_grad():
         expected = lm(inputs_embeds=tokens, output_hidden_states=True).hidden_states[1]
-        h, kwargs = tokens, {}
+        h = tokens
         b, t, _ = h.shape
         from llava_dsl.rprobe.model import attention_bias
         positions = torch.arange(t).unsqueeze(0).expand(b, t)

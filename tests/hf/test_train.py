@@ -12,17 +12,16 @@ import time
 
 import pytest
 import torch
+from hf_helpers import ROOT, child_env, free_port, run
 from PIL import Image
 from safetensors.torch import load_file
+from test_core import backward
 from transformers import Trainer, TrainingArguments
 
-from hf_helpers import ROOT, child_env, free_port, grads, run
 from llava_dsl.diagnostics.__main__ import main as diagnostics_main
 from llava_dsl.diagnostics.stats import STATS_FILE
-from llava_dsl.hf import sft
-from llava_dsl.hf import TowerLRMixin, apply_detached_skip_links, remove_detached_skip_links
+from llava_dsl.hf import TowerLRMixin, apply_detached_skip_links, remove_detached_skip_links, sft
 from llava_dsl.hf.tiny import llava_inputs, save_tiny_llava, tiny_llava
-from test_core import backward
 
 TOWER_LR, LR = 0.5, 0.01
 
@@ -240,7 +239,8 @@ def test_zero3_two_ranks_equal_one_process(data, reference, tmp_path):
     two = tmp_path / "two"
     _, log = run(["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "llava_dsl.hf.sft"]
                  + _reference_args(data, two, per_device_train_batch_size=2, save_strategy="no",
-                                   use_cpu=None, bf16=None, deepspeed=os.path.join(ROOT, "scripts", "hf", "zero3.json")), timeout=500)
+                                   use_cpu=None, bf16=None,
+                                   deepspeed=os.path.join(ROOT, "scripts", "hf", "zero3.json")), timeout=500)
     assert "stage3_allgather_sequential=true" in log  # the CPU-safe config of llava_dsl.compat.deepspeed
     # no --use_cpu / --bf16 given: the entry point adds them on a machine without CUDA, and says so
     assert "dist_world_size=2" in log and "DeepSpeed without CUDA: --use_cpu True --bf16 False" in log
