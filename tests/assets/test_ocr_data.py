@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 from PIL import Image
 
 from llava_dsl.assets.ocr_data import (

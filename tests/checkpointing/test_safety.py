@@ -22,7 +22,7 @@ import time
 
 import pytest
 import torch
-from conftest import DEEPSPEED, free_port, llava_flags, run_in_process_group
+from support import DEEPSPEED, free_port, llava_flags, run_in_process_group
 
 from llava_dsl.checkpointing.atomic import atomic_directory, atomic_torch_save
 from llava_dsl.checkpointing.completeness import (

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEEPSPEED, ROOT, free_port, llava_flags, run_module
+from support import DEEPSPEED, ROOT, free_port, llava_flags, run_module
 from safetensors.torch import load_file
 
 from llava_dsl.diagnostics.callback import attach_grad_stats, is_measured_step
@@ -23,12 +23,7 @@ TAPS = "2,4,6"  # 8-block tower, main -2 = block 7: groups embeddings, 1-2, 3-4,
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread only adds contention on a shared machine
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_module
+from support import run_module
 
 from llava_dsl.dpvr.attention_share import query_positions, text_to_image_share
 from llava_dsl.dpvr.cost import LLAVA_15_7B, prefill_flops, side_branch_parameters
@@ -37,13 +37,7 @@ class Flags:
         self.__dict__.update(values)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run hundreds of small ops: on shared cores a second thread only adds waits at every op."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

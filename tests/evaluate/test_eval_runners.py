@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, subprocess_env
+from support import ROOT, subprocess_env
 
 from llava_dsl.evaluate.benchmarks import SHORT_ANSWER, load_chartqa
 from llava_dsl.evaluate.runner import run_cli, summary_line, write_questions
@@ -108,15 +108,7 @@ def build_tiny_benchmarks(root):
     return base
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: on a shared CPU a second thread only adds contention (about 8x slower here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

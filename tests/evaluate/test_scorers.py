@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from llava_dsl.evaluate.scorers import (
     OCRBENCH_CATEGORIES,

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, llava_flags, run_module
+from support import ROOT, llava_flags, run_module
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEEPSPEED, ROOT, llava_flags, run_module
+from support import DEEPSPEED, ROOT, llava_flags, run_module
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.gpu,

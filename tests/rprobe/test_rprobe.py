@@ -1,5 +1,5 @@
 """R-Probe: the pure core (geometry, metrics, sequences), the probe stage on tiny LLaVA checkpoints trained
-through the real CLI (conftest's session fixture ``runs``), ZeRO-3 under the deepspeed launcher, the compare
+through the real CLI (the session fixture ``runs`` in conftest.py), ZeRO-3 under the deepspeed launcher, the compare
 report, errors, and the auxiliary-loss trainer.
 """
 import json
@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEEPSPEED, ROOT, free_port, run_in_process_group, run_module
+from support import DEEPSPEED, ROOT, free_port, run_in_process_group, run_module
 from PIL import Image
 from safetensors.torch import load_file
 

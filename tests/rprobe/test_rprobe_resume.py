@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEEPSPEED, ROOT, free_port, run_in_process_group, run_module
+from support import DEEPSPEED, ROOT, free_port, run_in_process_group, run_module
 from test_rprobe import probe_data  # noqa: F401  (probe_data is a fixture used below)
 
 from llava_dsl.checkpointing.completeness import COMPLETION_MARKER, INCOMPLETE_DIR

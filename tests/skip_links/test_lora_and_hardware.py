@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import llava_flags, run_module
+from support import llava_flags, run_module
 from safetensors.torch import load_file
 
 LORA_TOWER_LR, LORA_STEPS = 1e-6, 2

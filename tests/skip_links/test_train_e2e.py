@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEEPSPEED, ROOT, STEPS, TOWER_LR, llava_flags, run_module
+from support import DEEPSPEED, ROOT, STEPS, TOWER_LR, llava_flags, run_module
 from safetensors.torch import load_file
 
 

@@ -16,7 +16,7 @@ from typing import Dict
 
 import pytest
 import torch
-from conftest import free_port
+from support import free_port
 from test_zero3_scripts import SCRIPTS, STAGES, script_env
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import os
 import sys
 
 import pytest
-from conftest import run_module
+from support import run_module
 from PIL import Image
 
 from llava_dsl.demo.pipeline import BENCHMARKS, MARKER, PROJECTORS, DemoError, Steps, clean, make_plan

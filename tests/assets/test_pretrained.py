@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, replace
 
 import pytest
-from conftest import ROOT, run_module, subprocess_env
+from support import ROOT, run_module, subprocess_env
 
 from llava_dsl.assets import pretrained
 from llava_dsl.assets.pretrained import (
