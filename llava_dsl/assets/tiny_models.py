@@ -34,7 +34,7 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 # Bump when the content produced for a given set of parameters changes, so
 # that build_all() does not reuse assets written by an older version.
@@ -294,20 +294,6 @@ def save_image_processor(out_dir: str, image_size: int) -> None:
     processor.save_pretrained(out_dir)
 
 
-def _luminance(rgb: Tuple[int, int, int]) -> float:
-    r, g, b = rgb
-    return 0.299 * r + 0.587 * g + 0.114 * b
-
-
-def _random_colour_pair(rng: random.Random) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
-    """Background and text colours with enough contrast to keep the text legible."""
-    while True:
-        bg = tuple(rng.randint(0, 255) for _ in range(3))
-        fg = tuple(rng.randint(0, 255) for _ in range(3))
-        if abs(_luminance(bg) - _luminance(fg)) >= 100:
-            return bg, fg  # type: ignore[return-value]
-
-
 def _sample_text(rng: random.Random) -> str:
     if rng.random() < 0.4:
         return str(rng.randint(0, 999)) if rng.random() < 0.8 else str(rng.randint(0, 9))
@@ -320,50 +306,33 @@ def is_number(text: str) -> bool:
 
 def render_text_images(out_dir: str, num_samples: int, seed: int = 0,
                        image_size: int = 32) -> List[dict]:
-    """Render ``num_samples`` small RGB PNGs, each showing a short word or number.
+    """Render ``num_samples`` small RGB PNGs, each showing a short word or number, with the package's one text
+    renderer (``llava_dsl.assets.ocr_data.render``) in ``TINY_STYLE``.
 
-    Font size, colours and position vary per image; everything is derived from
-    ``seed``. Files go to ``out_dir/images``. Returns
-    ``[{"id": ..., "image": "<file name relative to out_dir/images>", "text": ...}]``.
+    Font size, colours and position vary per image; everything is derived from ``seed``. Files go to
+    ``out_dir/images``. Returns ``[{"id": ..., "image": "<file name relative to out_dir/images>", "text": ...}]``.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from llava_dsl.assets.ocr_data import render  # imported here: ocr_data imports this module's word lists
 
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     rng = random.Random(f"tiny-images-{seed}")
-    margin = max(1, image_size // 16)
-    min_font = max(7, image_size // 4)
-    max_font = max(min_font, image_size // 2)
-
     records: List[dict] = []
     for i in range(num_samples):
         text = _sample_text(rng)
-        bg, fg = _random_colour_pair(rng)
-        img = Image.new("RGB", (image_size, image_size), bg)
-        draw = ImageDraw.Draw(img)
-
-        # Largest randomly drawn font size at which the text still fits.
-        font_size = rng.randint(min_font, max_font)
-        while True:
-            font = ImageFont.load_default(size=font_size)
-            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-            w, h = right - left, bottom - top
-            if (w <= image_size - 2 * margin and h <= image_size - 2 * margin) or font_size <= 4:
-                break
-            font_size -= 1
-
-        # Centre the text, then jitter it within the free space.
-        free_x = max(0, image_size - 2 * margin - w)
-        free_y = max(0, image_size - 2 * margin - h)
-        x = margin + (free_x // 2 + rng.randint(-(free_x // 2), free_x - free_x // 2) if free_x else 0)
-        y = margin + (free_y // 2 + rng.randint(-(free_y // 2), free_y - free_y // 2) if free_y else 0)
-        draw.text((x - left, y - top), text, fill=fg, font=font)
-
+        image, _ = render(text, "number" if is_number(text) else "word", image_size, rng, _tiny_style())
         sample_id = f"tiny-{seed}-{i:05d}"
         file_name = f"{sample_id}.png"
-        img.save(os.path.join(image_dir, file_name), format="PNG")
+        image.save(os.path.join(image_dir, file_name), format="PNG")
         records.append({"id": sample_id, "image": file_name, "text": text})
     return records
+
+
+def _tiny_style():
+    """Plain backgrounds, large fonts for the 32 px images of the test data sets, either polarity."""
+    from llava_dsl.assets.ocr_data import RenderStyle
+
+    return RenderStyle(font_fractions=(0.25, 0.35, 0.5), backgrounds=("solid",), stroke_probability=0.0)
 
 
 def write_llava_datasets(out_dir: str, num_samples: int = 16, seed: int = 0,
