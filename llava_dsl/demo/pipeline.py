@@ -30,7 +30,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -184,19 +186,30 @@ class Steps:
     def __init__(self, log_dir: str):
         self.log_dir = log_dir
         self.env = child_env()
+        self._live: set = set()  # running children, so that a failed step can stop the others
+        self._lock = threading.Lock()
         os.makedirs(log_dir, exist_ok=True)
 
+    def stop_all(self) -> None:
+        with self._lock:
+            for process in self._live:
+                process.kill()
+
     def run(self, name: str, argv: Sequence[str], total: int, progress: Callable[[str], Optional[int]],
-            unit: str = "step") -> float:
-        """Run ``argv``; ``progress`` maps an output line to the count done so far (or None). Returns seconds."""
+            unit: str = "step", position: Optional[int] = None) -> float:
+        """Run ``argv``; ``progress`` maps an output line to the count done so far (or None). Returns seconds.
+        Steps that run side by side (threads) pass distinct ``position``s: one progress-bar line each."""
         from tqdm import tqdm
 
         log_path = os.path.join(self.log_dir, f"{name}.log")
         started = time.time()
         with open(log_path, "wb") as log, tqdm(total=total, desc=f"  {name}", unit=unit, file=sys.stdout,
-                                               mininterval=0.5, dynamic_ncols=True, leave=True) as bar:
+                                               mininterval=0.5, dynamic_ncols=True, leave=True,
+                                               position=position) as bar:
             log.write((shlex.join(argv) + "\n\n").encode())
             process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
+            with self._lock:
+                self._live.add(process)
             pending = b""
             for chunk in iter(lambda: process.stdout.read1(65536), b""):
                 log.write(chunk)
@@ -207,6 +220,8 @@ class Steps:
                     if done is not None and done > bar.n:
                         bar.update(min(done, total) - bar.n)
             code = process.wait()
+            with self._lock:
+                self._live.discard(process)
         if code != 0:
             raise DemoError(f"step {name!r} failed (exit code {code}); its full output is in {log_path}\n"
                             f"last lines:\n{_tail(log_path)}")
@@ -323,7 +338,52 @@ def clean(output_dir: str) -> None:
             os.remove(path)
 
 
-def run_demo(output_dir: str, plan: Plan, assets_root: Optional[str] = None) -> Dict:
+def train_arm(plan: Plan, models: Dict[str, str], data: Dict[str, str], runs_dir: str, steps: Steps,
+              projector: str, position: Optional[int] = None) -> Tuple[Dict, Dict[int, List[Tuple[int, float]]]]:
+    """Stage 1, then stage 2 from its adapter, for one projector; returns its table row and its losses."""
+    row: Dict = {"projector": projector, "label": LABELS[projector]}
+    losses: Dict[int, List[Tuple[int, float]]] = {}
+    adapter = None
+    for stage in (1, 2):
+        out = os.path.join(runs_dir, f"llava-{projector}-stage{stage}")
+        name = f"stage{stage}-{projector}"
+        n_steps = plan.stage1_steps if stage == 1 else plan.stage2_steps
+        seconds = steps.run(name, [sys.executable, "-m", "llava_dsl.train"]
+                            + train_flags(plan, models, data, projector, stage, out, adapter),
+                            n_steps, _trainer_progress, position=position)
+        losses[stage] = read_losses(out)
+        row[f"stage{stage}"] = {"steps": n_steps, **loss_summary(losses[stage]), "wall_seconds": seconds,
+                                "output_dir": out}
+        if stage == 1:
+            adapter = os.path.join(out, "mm_projector.bin")
+            if not os.path.isfile(adapter):
+                raise DemoError(f"{adapter}: stage 1 wrote no adapter; see {steps.log_dir}/{name}.log")
+    grad_file = os.path.join(row["stage2"]["output_dir"], "dsl_grad_stats.json")
+    row["stage2"]["grad_stats"] = grad_file if os.path.isfile(grad_file) else None
+    return row, losses
+
+
+def train_arms(plan: Plan, models: Dict[str, str], data: Dict[str, str], runs_dir: str, steps: Steps,
+               jobs: int = 1) -> Tuple[List[Dict], Dict[str, Dict[int, List[Tuple[int, float]]]]]:
+    """Every projector's two stages, ``jobs`` projectors at a time. Each run is its own process with one torch
+    thread and its own seed, so running them side by side changes their wall time, not their numbers."""
+    if jobs <= 1:
+        arms = [train_arm(plan, models, data, runs_dir, steps, projector) for projector in PROJECTORS]
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(train_arm, plan, models, data, runs_dir, steps, projector, position)
+                       for position, projector in enumerate(PROJECTORS)]
+            try:
+                arms = [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                steps.stop_all()  # the other arms' runs: a failed demo leaves nothing running
+                raise
+    return [row for row, _ in arms], {row["projector"]: arm_losses for row, arm_losses in arms}
+
+
+def run_demo(output_dir: str, plan: Plan, assets_root: Optional[str] = None, jobs: int = 1) -> Dict:
     started = time.time()
     load_start = os.getloadavg()
     output_dir = os.path.abspath(output_dir)
@@ -354,30 +414,9 @@ def run_demo(output_dir: str, plan: Plan, assets_root: Optional[str] = None) -> 
           f"{chance['ocrbench']['n']} (OCRBench format) ({time.time() - t0:.0f}s)", flush=True)
 
     _header(2, total, f"training: stage 1 ({plan.stage1_steps} steps) + joint stage 2 ({plan.stage2_steps} steps), "
-                      f"batch {plan.batch_size}, seed {plan.seed}, for {', '.join(PROJECTORS)}")
-    runs_dir = os.path.join(output_dir, "runs")
-    rows, losses = [], {}
-    for projector in PROJECTORS:
-        row = {"projector": projector, "label": LABELS[projector]}
-        losses[projector] = {}
-        adapter = None
-        for stage in (1, 2):
-            out = os.path.join(runs_dir, f"llava-{projector}-stage{stage}")
-            name = f"stage{stage}-{projector}"
-            n_steps = plan.stage1_steps if stage == 1 else plan.stage2_steps
-            seconds = steps.run(name, [python, "-m", "llava_dsl.train"]
-                                + train_flags(plan, models, data, projector, stage, out, adapter),
-                                n_steps, _trainer_progress)
-            losses[projector][stage] = read_losses(out)
-            row[f"stage{stage}"] = {"steps": n_steps, **loss_summary(losses[projector][stage]),
-                                    "wall_seconds": seconds, "output_dir": out}
-            if stage == 1:
-                adapter = os.path.join(out, "mm_projector.bin")
-                if not os.path.isfile(adapter):
-                    raise DemoError(f"{adapter}: stage 1 wrote no adapter; see {steps.log_dir}/{name}.log")
-        grad_file = os.path.join(row["stage2"]["output_dir"], "dsl_grad_stats.json")
-        row["stage2"]["grad_stats"] = grad_file if os.path.isfile(grad_file) else None
-        rows.append(row)
+                      f"batch {plan.batch_size}, seed {plan.seed}, for {', '.join(PROJECTORS)}; "
+                      f"{min(jobs, len(PROJECTORS))} at a time")
+    rows, losses = train_arms(plan, models, data, os.path.join(output_dir, "runs"), steps, jobs)
 
     _header(3, total, f"R-Probe: {plan.probe_steps} probe steps on each stage-2 checkpoint (frozen MLLM)")
     checkpoints = [row["stage2"]["output_dir"] for row in rows]
@@ -499,7 +538,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "~/.cache/llava_dsl/assets)")
     parser.add_argument("--quick_assets", "--quick-assets", action="store_true",
                         help="use the reduced asset build (python -m llava_dsl.assets build --quick), as the tests do")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="how many projectors train at the same time, one CPU core each (default: the number of "
+                             "cores, at most 3); the numbers do not depend on it, the wall time does")
     args = parser.parse_args(argv)
+    jobs = args.jobs if args.jobs is not None else min(len(PROJECTORS), os.cpu_count() or 1)
+    if jobs < 1:
+        raise SystemExit(f"llava_dsl.demo: --jobs {jobs}: expected 1 or more")
     scale = args.scale
     if scale is None:
         raw = os.environ.get("DEMO_SCALE", "1")
@@ -511,6 +556,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         plan = make_plan(scale, args.steps, args.seed, args.quick_assets)
         print(f"llava-dsl demo: {'--steps ' + str(args.steps) if args.steps else f'scale {scale:g}'}, "
               f"output in {os.path.abspath(args.output_dir)}", flush=True)
-        run_demo(args.output_dir, plan, args.assets_root)
+        run_demo(args.output_dir, plan, args.assets_root, jobs)
     except DemoError as error:
         raise SystemExit(f"llava_dsl.demo: {error}") from None

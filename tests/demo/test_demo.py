@@ -7,6 +7,8 @@ import json
 import math
 import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support import run_module
@@ -129,6 +131,26 @@ def test_a_failed_step_names_its_log(tmp_path):
     message = str(error.value)
     assert "exit code 3" in message and str(tmp_path / "logs" / "broken.log") in message
     assert "something broke" in message
+
+
+def test_a_failed_arm_stops_the_arms_running_beside_it(tmp_path):
+    """Arms train side by side (--jobs): when one fails, the demo ends at once with that arm's log named, and
+    the other arm's process is killed rather than left running."""
+    steps = Steps(str(tmp_path / "logs"))
+    marker = tmp_path / "survived"
+    slow = [sys.executable, "-c", f"import time; time.sleep(30); open({str(marker)!r}, 'w').write('x')"]
+    broken = [sys.executable, "-c", "import time, sys; time.sleep(1); print('arm broke'); sys.exit(5)"]
+    started = time.time()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = pool.submit(steps.run, "stage2-slow", slow, 1, lambda line: None, position=0)
+        failing = pool.submit(steps.run, "stage2-broken", broken, 1, lambda line: None, position=1)
+        with pytest.raises(DemoError, match="exit code 5") as error:
+            failing.result()
+        steps.stop_all()
+        with pytest.raises(DemoError, match="stage2-slow"):
+            running.result()
+    assert "arm broke" in str(error.value) and str(tmp_path / "logs" / "stage2-broken.log") in str(error.value)
+    assert time.time() - started < 20 and not marker.exists()
 
 
 def test_plan_scales_and_rejects_bad_values():
