@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.llava-dsl-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-main demo clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# The tests start python, deepspeed and shellcheck from beside the interpreter that runs them (tests/conftest.py),
+# `make test` runs the three suites, each in its own environment: the main one (test-main) beside the stock
+# Hugging Face (test-hf) and lmms-eval (test-lmms) ones, two at a time; each suite's output is printed whole
+# when it ends. TEST_JOBS=1 runs them one after another.
+TEST_JOBS ?= 2
+test:
+	$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target test-main test-hf test-lmms
+
+# The tests start python, deepspeed and shellcheck from beside the interpreter that runs them (tests/support.py),
 # so `.venv/bin/python -m pytest` works the same with any PATH.
-test: $(STAMP)
+test-main: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # DEMO_SCALE=4 make demo: four times the steps and data; DEMO_ARGS="--output_dir DIR --seed N" for the rest.
@@ -97,7 +104,6 @@ test-hf5: $(HF5_STAMP) $(HF5_SHM_OP)
 	PATH="$(abspath $(VENV_HF5))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(HF5_TORCH_EXT)" \
 	    $(VENV_HF5)/bin/python -m pytest tests/hf $(HF_PYTEST_ARGS)
 
-test: $(HF_STAMP) $(HF5_STAMP) test-hf
 
 clean-hf:
 	rm -rf $(VENV_HF) $(VENV_HF5)
@@ -131,7 +137,6 @@ $(LMMS_STAMP): scripts/lmms_eval/constraints.txt scripts/lmms_eval/requirements.
 test-lmms: $(LMMS_STAMP)
 	OMP_NUM_THREADS=1 PYTHONPATH="$(CURDIR)" $(VENV_LMMS)/bin/python -m pytest tests/lmms_eval $(LMMS_PYTEST_ARGS)
 
-test: test-lmms
 
 clean-lmms:
 	rm -rf $(VENV_LMMS)

@@ -36,7 +36,8 @@ def build_paths(output_dir: str, plan: Plan, assets_root: Optional[str], overrid
     else:
         from llava_dsl.assets.pretrained import build
 
-        built = build(plan.tower_variant, root=assets_root, log=lambda message: say(f"assets: {message}"))
+        built = build(plan.tower_variant, root=assets_root, lm_variant=plan.lm_variant,
+                      log=lambda message: say(f"assets: {message}"))
         models = {k: built[k] for k in ("vision_tower", "llm", "tower_report", "lm_report")}
     data = build_data(os.path.join(output_dir, "data", f"digits-{plan.image_size}px"),
                       OcrDataConfig(seed=plan.data_seed, image_size=plan.image_size, num_pretrain=plan.num_pretrain,

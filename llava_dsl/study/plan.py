@@ -43,6 +43,9 @@ class Plan:
     skip_layers: str
     detach_depth: int
     tower_lr: float
+    # the LM the arms start from (llava_dsl.assets.pretrained.LM_VARIANTS). "random", as the demo: with the LM
+    # pretrained on text, every arm's stage 2 sat on a loss plateau and nothing learned to read (docs/study.md)
+    lm_variant: str = "random"
     batch_size: int = 16
     stage1_steps: int = 40
     stage2_steps: int = 200
