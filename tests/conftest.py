@@ -27,6 +27,17 @@ def tiny_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pretrained_assets(tmp_path_factory):
+    """The demo's pretrained parts (tower 'slots', the text-pretrained LM and the untrained one the demo starts
+    from), built once per session by ``python -m llava_dsl.assets build`` into the session's own cache folder, so
+    the tests neither read nor fill the user's. Returns that folder and each build's output."""
+    root = str(tmp_path_factory.getbasetemp() / "llava_dsl_assets")
+    printed = {lm: run_module("llava_dsl.assets", ["build", "--root", root, "--lm", lm], timeout=3600).stdout
+               for lm in ("pretrained", "random")}
+    return root, printed
+
+
+@pytest.fixture(scope="session")
 def runs(tiny_assets, tmp_path_factory):
     """Stage 1 (adapter only) then joint stage 2 with Detached Skip-Links, through the real CLI."""
     out = tmp_path_factory.mktemp("runs")

@@ -1,7 +1,7 @@
-"""The built-in demo (``make demo``) as users run it, on the pretrained parts in the asset cache ($LLAVA_DSL_ASSETS or
-~/.cache/llava_dsl/assets; built there first if missing): it runs the package's own command lines end to end,
+"""The built-in demo (``make demo``) as users run it, on the pretrained parts that ``python -m llava_dsl.assets build``
+makes (the session's own cache, shared with tests/assets): it runs the package's own command lines end to end,
 writes every promised output, well-formed, and every arm reads held-out digit strings far better than a model that
-ignores the image can. (The reduced asset build reads too little for this: 47 % of characters; see docs/demo.md.)"""
+ignores the image can. (The reduced asset build reads too little for this; see docs/demo.md.)"""
 import collections
 import json
 import math
@@ -23,9 +23,11 @@ FIGURES = ("loss_curves", "tower_grad_norms", "grad_stats", "rprobe_mse", "rprob
 
 
 @pytest.fixture(scope="module")
-def reduced_demo(tmp_path_factory):
+def reduced_demo(tmp_path_factory, pretrained_assets):
     out = tmp_path_factory.mktemp("demo") / "demo_output"
-    result = run_module("llava_dsl.demo", ["--scale", SCALE, "--output_dir", out], timeout=3000)
+    root, _ = pretrained_assets
+    result = run_module("llava_dsl.demo", ["--scale", SCALE, "--output_dir", out, "--assets_root", root],
+                        timeout=3000)
     return out, result.stdout
 
 
