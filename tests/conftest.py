@@ -2,7 +2,6 @@
 import os
 
 import pytest
-
 from support import TOWER_LR, llava_flags, run_module
 
 

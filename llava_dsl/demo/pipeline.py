@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from llava_dsl.assets.pretrained import default_root
 from llava_dsl.checkpointing.atomic import atomic_file, atomic_write_text
 from llava_dsl.demo.figures import draw_grad_norms, draw_loss_curves, markdown_table
+from llava_dsl.demo.stage_flags import as_argv, tiny_stage_flags
 
 PROJECTORS = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
 
@@ -257,38 +258,20 @@ def _probe_progress() -> Callable[[str], Optional[int]]:
     return progress
 
 
-def _flags(values: Dict[str, object]) -> List[str]:
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
-
-
 def train_flags(plan: Plan, models: Dict[str, str], data: Dict[str, str], projector: str, stage: int,
                 output_dir: str, adapter: Optional[str] = None) -> List[str]:
-    """LLaVA-1.5's train.py flags (as in its scripts/v1_5/*.sh) for one tiny CPU stage."""
-    flags = {
-        "model_name_or_path": models["llm"], "vision_tower": models["vision_tower"],
-        "version": "plain" if stage == 1 else "v1",
-        "data_path": data["pretrain"] if stage == 1 else data["finetune"], "image_folder": data["image_folder"],
-        "mm_projector_type": projector, "mm_vision_select_layer": -2,
-        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
-        "group_by_modality_length": False, "max_steps": plan.stage1_steps if stage == 1 else plan.stage2_steps,
-        "per_device_train_batch_size": plan.batch_size, "gradient_accumulation_steps": 1,
-        "learning_rate": plan.stage1_lr if stage == 1 else plan.stage2_lr, "weight_decay": 0.0,
-        "warmup_ratio": 0.03, "lr_scheduler_type": "cosine", "logging_steps": 1, "save_strategy": "no",
-        "model_max_length": 256, "bf16": False, "tf32": False, "dataloader_num_workers": 0,
-        "lazy_preprocess": True, "report_to": "none", "seed": plan.seed, "output_dir": output_dir,
-    }
-    if projector != "mlp2x_gelu":
-        flags["mm_vision_skip_layers"] = SKIP_LAYERS
-    if projector.startswith("detached_"):
-        flags["mm_vision_detach_depth"] = DETACH_DEPTH
-    if stage == 1:
-        flags["tune_mm_mlp_adapter"] = True
-    else:
-        flags.update(pretrain_mm_mlp_adapter=adapter, unfreeze_mm_vision_tower=True,
-                     mm_vision_tower_lr=plan.tower_lr)
-        if projector != "mlp2x_gelu":  # a single-layer projector has no skip path to measure
-            flags.update(dsl_grad_stats_every=plan.grad_stats_every, dsl_grad_stats_window=plan.grad_stats_window)
-    return _flags(flags)
+    """LLaVA-1.5's train.py flags for one tiny CPU stage of one arm; no checkpoints in between."""
+    values = tiny_stage_flags(
+        llm=models["llm"], vision_tower=models["vision_tower"],
+        data_path=data["pretrain"] if stage == 1 else data["finetune"], image_folder=data["image_folder"],
+        projector=projector, stage=stage, steps=plan.stage1_steps if stage == 1 else plan.stage2_steps,
+        batch_size=plan.batch_size, learning_rate=plan.stage1_lr if stage == 1 else plan.stage2_lr, seed=plan.seed,
+        output_dir=output_dir, skip_layers=SKIP_LAYERS, detach_depth=DETACH_DEPTH, tower_lr=plan.tower_lr,
+        adapter=adapter)
+    values["save_strategy"] = "no"
+    if stage == 2 and projector != "mlp2x_gelu":  # a single-layer projector has no skip path to measure
+        values.update(dsl_grad_stats_every=plan.grad_stats_every, dsl_grad_stats_window=plan.grad_stats_window)
+    return as_argv(values)
 
 
 def read_losses(output_dir: str) -> List[Tuple[int, float]]:
@@ -421,7 +404,7 @@ def run_demo(output_dir: str, plan: Plan, assets_root: Optional[str] = None, job
     _header(3, total, f"R-Probe: {plan.probe_steps} probe steps on each stage-2 checkpoint (frozen MLLM)")
     checkpoints = [row["stage2"]["output_dir"] for row in rows]
     probe_dir = os.path.join(output_dir, "rprobe")
-    probe_argv = [python, "-m", "llava_dsl.rprobe", "compare", "--checkpoints", *checkpoints] + _flags({
+    probe_argv = [python, "-m", "llava_dsl.rprobe", "compare", "--checkpoints", *checkpoints] + as_argv({
         "data-path": data["pretrain"], "image-folder": data["image_folder"], "eval-data-path": data["heldout"],
         "eval-image-folder": data["heldout_images"], "steps": plan.probe_steps, "batch-size": plan.probe_batch_size,
         "learning-rate": plan.probe_lr, "warmup-steps": max(1, plan.probe_steps // 10),

@@ -19,6 +19,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from llava_dsl.checkpointing.atomic import atomic_write_text
+from llava_dsl.demo.stage_flags import as_argv, tiny_stage_flags
 from llava_dsl.study.plan import ARMS, SHORT, Plan
 
 MARKER = "LLAVA_DSL_STUDY"
@@ -34,10 +35,6 @@ _print_lock = threading.Lock()
 def say(message: str) -> None:
     with _print_lock:
         print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def flags(values: Dict[str, object]) -> List[str]:
-    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]
 
 
 def child_env(device: str) -> Dict[str, str]:
@@ -113,33 +110,22 @@ def tail(path: str, lines: int = 15) -> str:
 def train_flags(plan: Plan, paths: Dict[str, str], projector: str, stage: int, output_dir: str, seed: int,
                 adapter: Optional[str] = None) -> List[str]:
     """LLaVA-1.5's train.py flags for one stage of one arm: the same for every arm except the projector."""
-    values = {
-        "model_name_or_path": paths["llm"], "vision_tower": paths["vision_tower"],
-        "version": "plain" if stage == 1 else "v1",
-        "data_path": paths["pretrain"] if stage == 1 else paths["finetune"], "image_folder": paths["image_folder"],
-        "mm_projector_type": projector, "mm_vision_select_layer": -2,
-        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
-        "group_by_modality_length": False, "max_steps": plan.stage1_steps if stage == 1 else plan.stage2_steps,
-        "per_device_train_batch_size": plan.batch_size, "gradient_accumulation_steps": 1,
-        "learning_rate": plan.stage1_lr if stage == 1 else plan.stage2_lr, "weight_decay": 0.0,
-        "warmup_ratio": 0.03, "lr_scheduler_type": "cosine", "logging_steps": 1,
-        "model_max_length": 256, "bf16": False, "tf32": False, "dataloader_num_workers": 0,
-        "lazy_preprocess": True, "report_to": "none", "seed": seed, "output_dir": output_dir,
-    }
-    if projector != "mlp2x_gelu":
-        values["mm_vision_skip_layers"] = plan.skip_layers
-    if projector.startswith("detached_"):
-        values["mm_vision_detach_depth"] = plan.detach_depth
+    values = tiny_stage_flags(
+        llm=paths["llm"], vision_tower=paths["vision_tower"],
+        data_path=paths["pretrain"] if stage == 1 else paths["finetune"], image_folder=paths["image_folder"],
+        projector=projector, stage=stage, steps=plan.stage1_steps if stage == 1 else plan.stage2_steps,
+        batch_size=plan.batch_size, learning_rate=plan.stage1_lr if stage == 1 else plan.stage2_lr, seed=seed,
+        output_dir=output_dir, skip_layers=plan.skip_layers, detach_depth=plan.detach_depth,
+        tower_lr=plan.tower_lr, adapter=adapter)
     if stage == 1:
-        values.update(tune_mm_mlp_adapter=True, save_strategy="no")
+        values["save_strategy"] = "no"
     else:
         # a checkpoint in the middle: the fixed-theta measurement's second point, and where a killed run resumes
-        values.update(pretrain_mm_mlp_adapter=adapter, unfreeze_mm_vision_tower=True, mm_vision_tower_lr=plan.tower_lr,
-                      save_strategy="steps", save_steps=plan.mid_step, save_total_limit=None)
+        values.update(save_strategy="steps", save_steps=plan.mid_step, save_total_limit=None)
         if projector != "mlp2x_gelu":  # a single-layer projector has no skip path to measure
             values.update(dsl_grad_stats_dense_steps=plan.grad_dense_steps, dsl_grad_stats_every=plan.grad_every,
                           dsl_grad_stats_window=plan.grad_window)
-    return flags(values)
+    return as_argv(values)
 
 
 def fixed_theta_flags(plan: Plan, paths: Dict[str, str], projector: str, output_dir: str, seed: int,
@@ -164,7 +150,7 @@ def fixed_theta_flags(plan: Plan, paths: Dict[str, str], projector: str, output_
         "unfreeze_mm_vision_tower": True, "mm_vision_tower_lr": 0.0,
         "dsl_grad_stats_dense_steps": plan.fixed_theta_steps, "dsl_grad_stats_window": plan.fixed_theta_steps,
     }
-    return flags(values)
+    return as_argv(values)
 
 
 def stage_dir(output_dir: str, seed: int, projector: str, stage: int) -> str:
@@ -218,7 +204,7 @@ def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None
     probe_dir = os.path.join(out, "rprobe", f"seed{seed}")
     units.run(f"seed{seed}-rprobe",
               [python, "-m", "llava_dsl.rprobe", "compare", "--checkpoints",
-               *[stage_dir(out, seed, p, 2) for p in ARMS]] + flags({
+               *[stage_dir(out, seed, p, 2) for p in ARMS]] + as_argv({
                   "data-path": paths["pretrain"], "image-folder": paths["image_folder"],
                   "eval-data-path": paths["heldout"], "eval-image-folder": paths["heldout_images"],
                   "steps": plan.probe_steps, "batch-size": plan.probe_batch_size, "learning-rate": plan.probe_lr,

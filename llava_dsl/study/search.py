@@ -13,10 +13,11 @@ import sys
 from typing import Dict, List
 
 from llava_dsl.checkpointing.atomic import atomic_write_text
+from llava_dsl.demo.stage_flags import as_argv
 from llava_dsl.study import stats
 from llava_dsl.study.analysis import shallow_group, skip_groups
 from llava_dsl.study.plan import Plan
-from llava_dsl.study.runner import Units, flags, say, train_flags
+from llava_dsl.study.runner import Units, say, train_flags
 
 # Each candidate changes one thing at a time from the first; why each is tried is in docs/study.md.
 CANDIDATES = (
@@ -77,7 +78,7 @@ def run_search(output_dir: str, base: Plan, paths_for) -> Dict:
         folder = os.path.join(runs, f"llava-{candidate['name']}-stage2")
         argv = [python, "-m", "llava_dsl.train"] + train_flags(
             plan, where, "mlp_multilayer", 2, folder, 0, os.path.join(stage1[key][2], "mm_projector.bin"))
-        units.run(f"stage2-{candidate['name']}", argv + flags({"save_strategy": "no"}), clear=[folder])
+        units.run(f"stage2-{candidate['name']}", argv + as_argv({"save_strategy": "no"}), clear=[folder])
         with open(os.path.join(folder, "dsl_grad_stats.json"), encoding="utf-8") as f:
             grad = json.load(f)
         result = {**candidate, **score(grad), "seconds": units.record(f"stage2-{candidate['name']}")["seconds"]}

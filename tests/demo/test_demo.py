@@ -11,8 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support import run_module
 from PIL import Image
+from support import run_module
 
 from llava_dsl.demo.pipeline import BENCHMARKS, MARKER, PROJECTORS, DemoError, Steps, clean, make_plan
 

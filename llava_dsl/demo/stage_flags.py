@@ -1,0 +1,43 @@
+"""LLaVA-1.5's ``train.py`` flags for one tiny CPU stage on the digit data, shared by the demo and the study (the
+same recipe as LLaVA's scripts/v1_5/*.sh, at the sizes these runs use): each caller adds only what differs, its
+checkpointing and its gradient diagnostics."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+
+def as_argv(values: Dict[str, object]) -> List[str]:
+    """``{"key": value}`` as ``["--key", "value", ...]``; a None value leaves its flag out (LLaVA's default)."""
+    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]
+
+
+def tiny_stage_flags(*, llm: str, vision_tower: str, data_path: str, image_folder: str, projector: str, stage: int,
+                     steps: int, batch_size: int, learning_rate: float, seed: int, output_dir: str,
+                     skip_layers: str, detach_depth: int, tower_lr: float,
+                     adapter: Optional[str] = None) -> Dict[str, object]:
+    """Stage 1 trains the projector over a frozen tower; stage 2 starts from its ``adapter`` (mm_projector.bin)
+    and trains everything, the tower at ``tower_lr``. ``skip_layers`` / ``detach_depth`` apply to the projectors
+    that use them (multi-layer / detached)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage {stage!r}: expected 1 (projector only) or 2 (joint)")
+    values: Dict[str, object] = {
+        "model_name_or_path": llm, "vision_tower": vision_tower, "version": "plain" if stage == 1 else "v1",
+        "data_path": data_path, "image_folder": image_folder,
+        "mm_projector_type": projector, "mm_vision_select_layer": -2,
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
+        "group_by_modality_length": False, "max_steps": steps,
+        "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": 1,
+        "learning_rate": learning_rate, "weight_decay": 0.0,
+        "warmup_ratio": 0.03, "lr_scheduler_type": "cosine", "logging_steps": 1,
+        "model_max_length": 256, "bf16": False, "tf32": False, "dataloader_num_workers": 0,
+        "lazy_preprocess": True, "report_to": "none", "seed": seed, "output_dir": output_dir,
+    }
+    if projector != "mlp2x_gelu":
+        values["mm_vision_skip_layers"] = skip_layers
+    if projector.startswith("detached_"):
+        values["mm_vision_detach_depth"] = detach_depth
+    if stage == 1:
+        values["tune_mm_mlp_adapter"] = True
+    else:
+        values.update(pretrain_mm_mlp_adapter=adapter, unfreeze_mm_vision_tower=True, mm_vision_tower_lr=tower_lr)
+    return values
