@@ -1,11 +1,9 @@
 """Shared pieces of tests/hf (not named conftest: tests/conftest.py is the suite's)."""
 import os
-import signal
-import socket
-import subprocess
 import sys
 
 import torch
+from support import run_in_process_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -25,26 +23,12 @@ def child_env(**extra):
     return {k: v for k, v in env.items() if v is not None}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(command, timeout=300, env=None, check=True):
-    """Run a command in its own process group (killed whole on timeout); return (rc, output)."""
-    command = [str(c) for c in command]
-    p = subprocess.Popen(command, cwd=ROOT, env=child_env(**(env or {})), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        raise AssertionError(f"{' '.join(command)} ran over {timeout} s:\n{out[-4000:]}") from None
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({p.returncode}):\n{out[-6000:]}")
-    return p.returncode, out
+    """Run a command in its own process group (killed whole on timeout) with ``child_env``; return (rc, output)."""
+    returncode, output = run_in_process_group(command, env=child_env(**(env or {})), timeout=timeout)
+    if check and returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, command))} failed ({returncode}):\n{output[-6000:]}")
+    return returncode, output
 
 
 def grads(model, prefix):

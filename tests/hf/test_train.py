@@ -12,9 +12,10 @@ import time
 
 import pytest
 import torch
-from hf_helpers import ROOT, child_env, free_port, run
+from hf_helpers import ROOT, child_env, run
 from PIL import Image
 from safetensors.torch import load_file
+from support import free_port
 from test_core import backward
 from transformers import Trainer, TrainingArguments
 
