@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.llava-dsl-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-main demo clean
+.PHONY: venv test test-main test-reading demo clean
 
 venv: $(STAMP)
 
@@ -22,17 +22,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# `make test` runs the three suites, each in its own environment: the main one (test-main) beside the stock
-# Hugging Face (test-hf) and lmms-eval (test-lmms) ones, two at a time; each suite's output is printed whole
-# when it ends. TEST_JOBS=1 runs them one after another.
+# `make test` runs every suite, each in its own environment, two at a time: the main one in two parts (test-main,
+# and test-reading: the tests that build the pretrained parts and run the demo on them, about 12 minutes of one
+# core), the stock Hugging Face ones (test-hf) and lmms-eval's (test-lmms). Each part's output is printed whole when
+# it ends. TEST_JOBS=1 runs them one after another; `.venv/bin/python -m pytest` runs both main parts in one go.
 TEST_JOBS ?= 2
+READING_TESTS := tests/assets/test_pretrained.py tests/demo
 test:
-	$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target test-main test-hf test-lmms
+	$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target test-main test-reading test-hf test-lmms
 
 # The tests start python, deepspeed and shellcheck from beside the interpreter that runs them (tests/support.py),
 # so `.venv/bin/python -m pytest` works the same with any PATH.
 test-main: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(addprefix --ignore=,$(READING_TESTS)) --durations=10 $(PYTEST_ARGS)
+
+test-reading: $(STAMP)
+	$(PY) -m pytest $(READING_TESTS) --durations=5 $(PYTEST_ARGS)
 
 # DEMO_SCALE=4 make demo: four times the steps and data; DEMO_ARGS="--output_dir DIR --seed N" for the rest.
 DEMO_ARGS ?=
