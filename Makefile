@@ -39,7 +39,7 @@ test-main: $(STAMP)
 test-reading: $(STAMP)
 	$(PY) -m pytest $(READING_TESTS) --durations=5 $(PYTEST_ARGS)
 
-# DEMO_SCALE=4 make demo: four times the steps and data; DEMO_ARGS="--output_dir DIR --seed N" for the rest.
+# DEMO_SCALE=4 make demo: twice the default's steps and data (DEMO_SCALE=1: half, about 5 min); DEMO_ARGS="--output_dir DIR --seed N" for the rest.
 DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m llava_dsl.demo $(DEMO_ARGS)
