@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.llava-dsl-installed
+# the stock Hugging Face environment (below); named here because test-main needs it too
+VENV_HF ?= .venv-hf
+HF_STAMP := $(VENV_HF)/.llava-dsl-hf-installed
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-main test-reading demo clean
@@ -32,8 +35,9 @@ test:
 	$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target test-main test-reading test-hf test-lmms
 
 # The tests start python, deepspeed and shellcheck from beside the interpreter that runs them (tests/support.py),
-# so `.venv/bin/python -m pytest` works the same with any PATH.
-test-main: $(STAMP)
+# so `.venv/bin/python -m pytest` works the same with any PATH. tests/export loads its exports with stock
+# transformers in .venv-hf, so that environment comes first.
+test-main: $(STAMP) $(HF_STAMP)
 	$(PY) -m pytest $(addprefix --ignore=,$(READING_TESTS)) --durations=10 $(PYTEST_ARGS)
 
 test-reading: $(STAMP)
@@ -52,8 +56,6 @@ clean:
 # It also carries the 4.57 end of the stock training stack (TRL, PEFT, accelerate, DeepSpeed) for tests/hf, which
 # imports llava_dsl from this checkout through PYTHONPATH: the plugin stays uninstalled there, so the export check
 # proves that an export loads without it.
-VENV_HF ?= .venv-hf
-HF_STAMP := $(VENV_HF)/.llava-dsl-hf-installed
 # The newest stock stack that installs (transformers 5.x): the other end of the range llava_dsl.hf is tested on
 # (docs/hf.md); llava_dsl is installed into it (--no-deps, editable).
 VENV_HF5 ?= .venv-hf5
