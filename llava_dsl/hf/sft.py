@@ -198,7 +198,6 @@ def build_model(dsl: DSLArguments, args, weights_from=None):
 
 
 def main(argv=None):
-    import torch
     from transformers import AutoProcessor, HfArgumentParser
     from trl import SFTConfig, SFTTrainer
 
@@ -259,10 +258,11 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output_dir)
         print(f"llava_dsl.hf.sft: saved to {args.output_dir} ({CONFIG_KEY}={chosen})")
-    if args.deepspeed and not torch.cuda.is_available():
-        from llava_dsl.compat.distributed import close_process_group
+    from llava_dsl.compat.distributed import close_process_group
 
-        close_process_group()  # gloo ranks occasionally crash at interpreter exit without it
+    # every multi-rank run (DDP or ZeRO-3): without the teardown, a gloo rank sometimes aborts at interpreter exit
+    # ("terminate called without an active exception") after training and saving went well
+    close_process_group()
     return trainer
 
 
