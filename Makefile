@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt setuptools wheel ninja packaging py-cpuinfo psutil pydantic hjson numpy
 	$(PIP) install --quiet -c constraints.txt --no-build-isolation deepspeed
 	$(PIP) install --quiet --no-deps llava-torch==1.2.2.post1
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c constraints.txt -e '.[llava,test]'
 	touch $(STAMP)
 
 # `make test` runs every suite, each in its own environment, two at a time: the main one in two parts (test-main,
@@ -57,7 +57,8 @@ clean:
 # imports llava_dsl from this checkout through PYTHONPATH: the plugin stays uninstalled there, so the export check
 # proves that an export loads without it.
 # The newest stock stack that installs (transformers 5.x): the other end of the range llava_dsl.hf is tested on
-# (docs/hf.md); llava_dsl is installed into it (--no-deps, editable).
+# (docs/hf.md). llava_dsl goes in last as a user installs it, `pip install '.[hf]'` with its dependencies: the core
+# pins no transformers, so the 5.24 stack stays (tests/hf/test_install.py checks it).
 VENV_HF5 ?= .venv-hf5
 HF5_STAMP := $(VENV_HF5)/.llava-dsl-hf5-installed
 DEEPSPEED_BUILD_DEPS := setuptools wheel ninja packaging py-cpuinfo psutil pydantic hjson msgpack numpy
@@ -86,7 +87,7 @@ $(HF5_STAMP): scripts/hf_env5/constraints.txt scripts/hf_env5/requirements.txt p
 	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt -r scripts/hf_env5/requirements.txt
 	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt $(DEEPSPEED_BUILD_DEPS)
 	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt --no-build-isolation deepspeed
-	$(VENV_HF5)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(VENV_HF5)/bin/python -m pip install --quiet -c scripts/hf_env5/constraints.txt --no-build-isolation -e '.[hf]'
 	touch $(HF5_STAMP)
 
 # DeepSpeed's CPU all-reduce op, JIT-built once into the environment's own extension folder (the default cache is
