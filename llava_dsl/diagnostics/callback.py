@@ -17,8 +17,9 @@ from transformers import CLIPVisionModel, TrainerCallback
 
 from llava_dsl.checkpointing.atomic import atomic_torch_save, atomic_write_text
 from llava_dsl.compat.distributed import print_once, world_size
-from llava_dsl.diagnostics.splitter import GradientSplitter, _synchronize, split_into_main_and_skip
-from llava_dsl.diagnostics.stats import LOG_PREFIX, MAIN_KEYS, STATS_FILE, WindowAccumulator, _sq_norm, cosine
+from llava_dsl.diagnostics.splitter import (GradientSplitter, PartsWindow, _synchronize, split_into_main_and_skip,
+                                            split_into_parts)
+from llava_dsl.diagnostics.stats import LOG_PREFIX, MAIN_KEYS, STATS_FILE, _sq_norm, cosine
 
 
 @dataclass
@@ -77,7 +78,7 @@ class GradStatsCallback(TrainerCallback):
         self.spec = tower.layer_spec
         self.steps: List[Dict] = []
         self.windows: List[Dict] = []
-        self._open: Dict[str, WindowAccumulator] = {}
+        self._open: Dict[str, PartsWindow] = {}
         self._open_steps: List[int] = []
         self._measuring = False
         self._step_start = 0.0
@@ -115,7 +116,8 @@ class GradStatsCallback(TrainerCallback):
                                   "detached": t in self.spec.detached_layers}
                          for t in self.spec.taps if group.name in parts[t]},
             }
-            self._open.setdefault(group.name, WindowAccumulator()).add(main, skip)
+            main, tap_parts = split_into_parts(parts, self.spec, group.name)  # per tap, as well as summed
+            self._open.setdefault(group.name, PartsWindow(tap_parts, self.spec.taps)).add(main, tap_parts)
         self._open_steps.append(state.global_step)
         record["overhead_seconds"] = self.splitter.seconds + (self._now() - start)
         self._step_seconds["measured"].append(elapsed + (self._now() - start))
@@ -150,7 +152,7 @@ class GradStatsCallback(TrainerCallback):
         self._step_seconds = state["step_seconds"]
         self._open = {}
         for name, fields in state["open"].items():
-            self._open[name] = WindowAccumulator()
+            self._open[name] = PartsWindow()
             vars(self._open[name]).update(fields)
 
     # -- windows, logging, file --

@@ -1,9 +1,11 @@
 """The gradient split: per block group of the tower, the part that arrives through the main feature and the
-part through the skip taps (counterfactual for detached taps), measured during a normal training step."""
+part through the skip taps (counterfactual for detached taps), measured during a normal training step; and
+``PartsWindow``, the window statistics of those parts per tap as well as summed."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -14,6 +16,7 @@ import torch.utils.checkpoint
 from transformers import CLIPVisionModel
 
 from llava_dsl.compat.deepspeed import full_numel, is_partitioned
+from llava_dsl.diagnostics.stats import _dot, _sq_norm, cosine
 
 
 @dataclass
@@ -256,3 +259,111 @@ def split_into_main_and_skip(parts: Dict[int, Dict[str, torch.Tensor]], spec, gr
     detached = set(spec.detached_layers)
     applied = main + sum((parts[t][group] for t in taps if t not in detached), torch.zeros_like(main))
     return main, skip, applied
+
+
+def split_into_parts(parts: Dict[int, Dict[str, torch.Tensor]], spec, group: str):
+    """(g_main, {tap: its part}) of one group, taps deep to shallow; only the taps that reach the group."""
+    return parts[spec.main][group], {t: parts[t][group] for t in spec.taps if group in parts[t]}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf") if a > 0 else 0.0
+
+
+class PartsWindow:
+    """Streaming window statistics of one group's parts (g_main and each tap's part), without keeping the steps.
+
+    Holds one running vector sum per part and the running Gram matrix E<p_i, p_j> (scalars), so the moments of
+    any sum of parts follow exactly: the summed skip (every tap), each tap alone, and the update a detached
+    arm would apply (main + the taps it keeps). ``summary()`` returns ``WindowAccumulator``'s keys for the summed
+    skip (the same values), plus:
+
+    - ``snr_skip``, ``norm_ratio``: the summed skip part's own SNR, mean ||g_skip|| / mean ||g_main||;
+    - ``tap{t}/<key>`` per tap t reaching the group: ``trcov_ratio`` (tr Cov of its part / tr Cov main),
+      ``norm_ratio``, ``snr_tap`` (its own SNR), ``snr_with`` (SNR of main + that part), ``cos_mean``,
+      ``cos_of_means``;
+    - ``snr_if_detach_depth_{D}`` for D = 0..len(taps): the SNR of main + the taps that stay attached when the
+      D shallowest taps of the spec are detached (D = 0: ``snr_full``). Compare ``snr_full`` with the depth the
+      detached arm uses: that models exactly the taps it detaches, in a naive run as well.
+    """
+
+    def __init__(self, taps: Sequence[int] = (), all_taps: Sequence[int] = ()):
+        self.taps = [int(t) for t in taps]              # the taps reaching this group, in concat order
+        self.all_taps = [int(t) for t in all_taps] or list(self.taps)  # the spec's taps, deep to shallow
+        self.n = 0
+        self.sums: List[torch.Tensor] = []               # part k: 0 = main, 1.. = self.taps
+        k = 1 + len(self.taps)
+        self.gram = [[0.0] * k for _ in range(k)]        # sum over steps of <p_i, p_j>
+        self.norm_sums = [0.0] * k
+        self.cos_skip_sum = 0.0                          # sum over steps of cos(main, summed skip)
+        self.norm_skip_sum = 0.0                         # sum over steps of ||summed skip||
+        self.cos_tap_sums = [0.0] * len(self.taps)
+
+    def add(self, main: torch.Tensor, taps: Dict[int, torch.Tensor]) -> None:
+        if sorted(taps) != sorted(self.taps):
+            raise ValueError(f"grad stats: parts for taps {sorted(taps)}, this window holds taps {sorted(self.taps)}")
+        vectors = [main.float()] + [taps[t].float() for t in self.taps]
+        if not self.sums:
+            self.sums = [v.clone() for v in vectors]
+        else:
+            for total, v in zip(self.sums, vectors):
+                total += v
+        for i, a in enumerate(vectors):
+            self.gram[i][i] += _sq_norm(a)
+            self.norm_sums[i] += math.sqrt(_sq_norm(a))
+            for j in range(i + 1, len(vectors)):
+                value = _dot(a, vectors[j])
+                self.gram[i][j] += value
+                self.gram[j][i] += value
+        skip = sum(vectors[1:], torch.zeros_like(vectors[0]))
+        self.norm_skip_sum += math.sqrt(_sq_norm(skip))
+        self.cos_skip_sum += cosine(vectors[0], skip)
+        for k in range(len(self.taps)):
+            self.cos_tap_sums[k] += cosine(vectors[0], vectors[k + 1])
+        self.n += 1
+
+    # the moments of the sum of the parts in ``members`` (indices into [main] + taps)
+    def _mean_sum(self, members: Sequence[int]) -> torch.Tensor:
+        return sum((self.sums[k] for k in members), torch.zeros_like(self.sums[0])) / self.n
+
+    def _second(self, members: Sequence[int]) -> float:
+        return sum(self.gram[i][j] for i in members for j in members) / self.n
+
+    def _moments(self, members: Sequence[int]):
+        """(||E g||^2, E||g||^2, tr Cov, SNR) of g = the sum of ``members``."""
+        mean_sq, second = _sq_norm(self._mean_sum(members)), self._second(members)
+        return mean_sq, second, max(second - mean_sq, 0.0), mean_sq / second if second > 0 else 0.0
+
+    def summary(self) -> Dict[str, float]:
+        if self.n == 0:
+            raise ValueError("grad stats: a window with no measured step has no statistics")
+        n, main, skip = self.n, [0], list(range(1, 1 + len(self.taps)))
+        _, _, trcov_main, snr_main = self._moments(main)
+        _, _, trcov_skip, snr_skip = self._moments(skip)
+        _, _, trcov_full, snr_full = self._moments(main + skip)
+        norm_main = self.norm_sums[0] / n
+        out = {
+            "trcov_main": trcov_main, "trcov_skip": trcov_skip, "trcov_full": trcov_full,
+            "trcov_ratio": _ratio(trcov_skip, trcov_main),
+            "cos_mean": self.cos_skip_sum / n,
+            "cos_of_means": cosine(self._mean_sum(main), self._mean_sum(skip)),
+            "snr_main": snr_main, "snr_full": snr_full, "snr_skip": snr_skip,
+            "norm_main": norm_main,
+            "norm_skip": self.norm_skip_sum / n,
+        }
+        out["norm_ratio"] = _ratio(out["norm_skip"], norm_main)
+        for k, tap in enumerate(self.taps, start=1):
+            _, _, trcov_tap, snr_tap = self._moments([k])
+            out.update({
+                f"tap{tap}/trcov_ratio": _ratio(trcov_tap, trcov_main),
+                f"tap{tap}/norm_ratio": _ratio(self.norm_sums[k] / n, norm_main),
+                f"tap{tap}/snr_tap": snr_tap,
+                f"tap{tap}/snr_with": self._moments([0, k])[3],
+                f"tap{tap}/cos_mean": self.cos_tap_sums[k - 1] / n,
+                f"tap{tap}/cos_of_means": cosine(self._mean_sum([0]), self._mean_sum([k])),
+            })
+        for depth in range(len(self.all_taps) + 1):
+            detached = set(self.all_taps[len(self.all_taps) - depth:]) if depth else set()
+            kept = [0] + [k for k, tap in enumerate(self.taps, start=1) if tap not in detached]
+            out[f"snr_if_detach_depth_{depth}"] = self._moments(kept)[3]
+        return out
