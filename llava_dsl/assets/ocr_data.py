@@ -314,18 +314,27 @@ def _write_json(path: str, obj) -> None:
 def write_textvqa(folder: str, cfg: OcrDataConfig) -> int:
     """TextVQA 0.5.1 val annotations + LLaVA's question jsonl + train_images/<image_id>.jpg."""
     rendered = render_split(os.path.join(folder, "train_images"), "textvqa", cfg.num_textvqa, cfg, "jpg")
-    data, lines = [], []
+    entries = []
     for i, (name, r) in enumerate(rendered):
         image_id = f"{cfg.seed:04x}{i:012x}"
         os.replace(os.path.join(folder, "train_images", name), os.path.join(folder, "train_images", f"{image_id}.jpg"))
-        question = TEXTVQA_QUESTIONS[r.kind]
+        entries.append((image_id, r.text, r.kind))
+    return write_textvqa_annotations(folder, entries, cfg.seed, cfg.image_size)
+
+
+def write_textvqa_annotations(folder: str, entries: List[Tuple[str, str, str]], seed: int, image_size: int) -> int:
+    """The TextVQA files for images already at ``folder/train_images/<image_id>.jpg``: ``entries`` are
+    (image_id, text, kind) with kind one of ``TEXTVQA_QUESTIONS``; every answer is the text."""
+    data, lines = [], []
+    for i, (image_id, text, kind) in enumerate(entries):
+        question = TEXTVQA_QUESTIONS[kind]
         data.append({"question": question, "image_id": image_id, "image_classes": [], "flickr_original_url": "",
-                     "flickr_300k_url": "", "image_width": cfg.image_size, "image_height": cfg.image_size,
-                     "answers": [r.text] * 10, "question_tokens": question.rstrip("?").split(),
+                     "flickr_300k_url": "", "image_width": image_size, "image_height": image_size,
+                     "answers": [text] * 10, "question_tokens": question.rstrip("?").split(),
                      "question_id": i, "set_name": "val"})
         # LLaVA's llava-ocr protocol adds OCR tokens; here the true text and a distractor, in random order.
-        token_rng = random.Random(f"ocr-data-{cfg.seed}-ocr-tokens-{i}")
-        tokens = list(dict.fromkeys([r.text, token_rng.choice(WORDS)]))
+        token_rng = random.Random(f"ocr-data-{seed}-ocr-tokens-{i}")
+        tokens = list(dict.fromkeys([text, token_rng.choice(WORDS)]))
         token_rng.shuffle(tokens)
         lines.append({"question_id": image_id, "image": f"{image_id}.jpg",
                       "text": f"{question.capitalize()}\nReference OCR token: {', '.join(tokens)}{SHORT_ANSWER}"})
