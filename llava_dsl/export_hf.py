@@ -13,7 +13,7 @@ does not build a transformers Llava model: it writes the folder files directly, 
 ``vision_tower.*``, ``multi_modal_projector.*`` (4.52+ map them onto their nested modules with
 ``_checkpoint_conversion_mapping``). Checked to load without missing keys or warnings, and to give the same
 logits and token ids, with transformers 4.49.0, 4.57.6 and 5.23.0. It imports neither ``llava`` nor the
-plugin's integration: it reads the checkpoint's files.
+plugin (``llava_dsl.plugin``): it reads the checkpoint's files.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
 from llava_dsl.config_schema import BY_NAME, REFUSED
-from llava_dsl.skip_links.fusion import parse_projector_type
 from llava_dsl.skip_links.layer_spec import LayerSpecError, absolute_layer, resolve_layer_spec
+from llava_dsl.skip_links.projectors import KINDS, projector_type
 
 if TYPE_CHECKING:  # torch and transformers are imported where used: --help and refusals stay fast
     import torch
@@ -64,7 +64,8 @@ class ProjectorMapping:
 def projector_mapping(config: dict, num_blocks: int, source: str = "config.json") -> ProjectorMapping:
     """Map ``mm_projector_type`` (+ the plugin's layer keys) onto HF Llava, or refuse with the reason.
 
-    HF's projector is always ``linear_2(act(linear_1(x)))`` over the channel concat of ``vision_feature_layer``.
+    HF's projector is always ``linear_2(act(linear_1(x)))`` over the channel concat of ``vision_feature_layer``;
+    what each type maps to is its entry in ``skip_links.projectors.KINDS``.
     Indices are written as non-negative hidden-state indices (0 = embeddings, i = block i), the convention the
     plugin persists its taps in; HF indexes ``hidden_states`` exactly as LLaVA does, so -2 == num_blocks - 1.
     """
@@ -72,50 +73,37 @@ def projector_mapping(config: dict, num_blocks: int, source: str = "config.json"
     select_layer = config.get("mm_vision_select_layer")
     if not isinstance(select_layer, int):
         raise ExportError(f"{source}: mm_vision_select_layer={select_layer!r}; expected an int (LLaVA-1.5 uses -2)")
-    multilayer = parse_projector_type(name)
-    if multilayer is not None:
-        if multilayer.mlp_depth != 2:
-            raise ExportError(
-                f"{source}: mm_projector_type={name!r} is a {multilayer.mlp_depth}-Linear MLP; Hugging Face "
-                f"LlavaMultiModalProjector has exactly two Linear layers (linear_1, GELU, linear_2), so only the "
-                f"2-layer types (mlp_multilayer, detached_mlp_multilayer, [detached_]mlp2x_gelu_multilayer) export")
-        taps = config.get("mm_vision_skip_layers")
-        if not taps:
-            raise ExportError(f"{source}: mm_projector_type={name!r} but no mm_vision_skip_layers; a multilayer "
-                              f"checkpoint records its tapped layers there (was it written without llava_dsl?)")
+    kind = projector_type(name)
+    if kind is None:
+        raise ExportError(f"{source}: mm_projector_type={name!r} is not a LLaVA-1.5 or llava_dsl projector type "
+                          f"this exporter knows ({', '.join(k.name for k in KINDS)})")
+    if kind.kind.hf is None:
+        raise ExportError(f"{source}: mm_projector_type={name!r}: {kind.kind.hf_refusal}")
+    if kind.kind.hf == "mlp2x" and kind.mlp_depth != 2:
+        raise ExportError(f"{source}: mm_projector_type={name!r} is a {kind.mlp_depth}-Linear MLP; Hugging Face "
+                          f"LlavaMultiModalProjector has exactly two Linear layers (linear_1, GELU, linear_2)")
+    taps = config.get("mm_vision_skip_layers")
+    if not kind.multilayer:
+        if taps:
+            raise ExportError(f"{source}: mm_vision_skip_layers={taps!r} with mm_projector_type={name!r}, which "
+                              f"reads one layer")
         try:
-            spec = resolve_layer_spec(num_blocks, select_layer, list(taps), detach=False)
+            main = absolute_layer(select_layer, num_blocks, "mm_vision_select_layer", select_layer)
         except LayerSpecError as error:
             raise ExportError(f"{source}: {error}") from None
-        if list(spec.taps) != [int(t) for t in taps]:
-            raise ExportError(f"{source}: mm_vision_skip_layers={taps!r} are not the resolved taps {list(spec.taps)} "
-                              f"(non-negative, deepest first) of a {num_blocks}-block tower; the projector's input "
-                              f"columns follow the persisted order, so it cannot be reordered safely")
-        return ProjectorMapping("mlp2x", list(spec.concat_order), spec.num_layers)
-    if config.get("mm_vision_skip_layers"):
-        raise ExportError(f"{source}: mm_vision_skip_layers={config['mm_vision_skip_layers']!r} with "
-                          f"mm_projector_type={name!r}, which reads one layer")
+        return ProjectorMapping(kind.kind.hf, main, 1)
+    if not taps:
+        raise ExportError(f"{source}: mm_projector_type={name!r} but no mm_vision_skip_layers; a multilayer "
+                          f"checkpoint records its tapped layers there (was it written without llava_dsl?)")
     try:
-        main = absolute_layer(select_layer, num_blocks, "mm_vision_select_layer", select_layer)
+        spec = resolve_layer_spec(num_blocks, select_layer, list(taps), detach=False)
     except LayerSpecError as error:
         raise ExportError(f"{source}: {error}") from None
-    if name == "mlp2x_gelu":
-        return ProjectorMapping("mlp2x", main, 1)
-    if name == "linear":
-        # Exact: linear_1 holds the trained Linear, the activation is the identity ("linear" in ACT2FN) and
-        # linear_2 is the identity matrix with zero bias (x * 1 + 0 is exact in every float format).
-        return ProjectorMapping("linear", main, 1)
-    depth = re.match(r"^mlp(\d+)x_gelu$", name)
-    if depth:
-        raise ExportError(f"{source}: mm_projector_type={name!r} is a {depth.group(1)}-Linear MLP; Hugging Face "
-                          f"LlavaMultiModalProjector has exactly two Linear layers (linear_1, GELU, linear_2)")
-    if name == "identity":
-        raise ExportError(f"{source}: mm_projector_type='identity' has no weights: it feeds vision features to the "
-                          f"LLM unchanged, while Hugging Face Llava always applies linear_1/linear_2; there is "
-                          f"nothing trained to export into them")
-    raise ExportError(f"{source}: mm_projector_type={name!r} is not a LLaVA-1.5 or llava_dsl projector type "
-                      f"this exporter knows (mlp2x_gelu, linear, [detached_]mlp_multilayer, "
-                      f"[detached_]mlp2x_gelu_multilayer)")
+    if list(spec.taps) != [int(t) for t in taps]:
+        raise ExportError(f"{source}: mm_vision_skip_layers={taps!r} are not the resolved taps {list(spec.taps)} "
+                          f"(non-negative, deepest first) of a {num_blocks}-block tower; the projector's input "
+                          f"columns follow the persisted order, so it cannot be reordered safely")
+    return ProjectorMapping(kind.kind.hf, list(spec.concat_order), spec.num_layers)
 
 
 def check_supported(config: dict, source: str = "config.json") -> None:

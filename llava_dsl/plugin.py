@@ -2,14 +2,16 @@
 that LLaVA's ``train()`` picks up through them.
 
 Each feature keeps the table of names it swaps (``PATCHES``: owner, name, replacement, reason) beside its code;
-``FEATURE_PATCHES`` below says which features take part. ``ALL_PATCHES`` is their sum plus the three composed
-names of this module, and ``register()`` applies exactly that list.
+``FEATURE_PATCHES`` below says which features take part. ``ALL_PATCHES`` is their sum plus the names composed here
+from several features (flags, trainer, vision-module initialisation), and ``register()`` applies exactly that list.
+The idea itself (``skip_links``) imports no feature built on it; what combines them is composed here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
+import llava.model.llava_arch as llava_arch
 import llava.train.train as llava_train
 import torch
 from llava.train.llava_trainer import LLaVATrainer
@@ -21,13 +23,14 @@ from llava_dsl.compat import lora as compat_lora
 from llava_dsl.compat.deepspeed import cast_params_created_outside_zero_init, no_sync_unless_zero_partitions_gradients
 from llava_dsl.diagnostics.callback import GradStatsArguments, attach_grad_stats
 from llava_dsl.dpvr import llava_patches as dpvr_patches
-from llava_dsl.dpvr.llava_patches import DPVRArguments, prepare_routed_training
+from llava_dsl.dpvr.llava_patches import DPVRArguments, configure_routing, prepare_routed_training
 from llava_dsl.rprobe.aux_loss import RProbeAuxArguments, RProbeAuxMixin, attach_aux_probe_if_asked
 from llava_dsl.skip_links import llava_patches as skip_links_patches
 from llava_dsl.skip_links.llava_patches import (
     JointTrainingArguments,
     JointTrainingMixin,
     SkipLinkModelArguments,
+    initialize_vision_modules as initialize_skip_links,
     prepare_joint_training,
 )
 
@@ -52,6 +55,11 @@ class ModelArguments(llava_train.ModelArguments, SkipLinkModelArguments, DPVRArg
 class TrainingArguments(JointTrainingArguments, GradStatsArguments, RProbeAuxArguments,
                         llava_train.TrainingArguments):
     pass
+
+
+def initialize_vision_modules(self, model_args, fsdp=None):
+    initialize_skip_links(self, model_args, fsdp=fsdp)
+    configure_routing(self, model_args)  # side branch + routing keys (--mm_routing dpvr_lf)
 
 
 class DSLTrainer(RProbeAuxMixin, JointTrainingMixin, SafetyTrainerMixin, LLaVATrainer):
@@ -99,6 +107,9 @@ COMPOSED_PATCHES = (
      "adds the tower LR, gradient-diagnostics and R-Probe auxiliary-loss flags"),
     (llava_train, "LLaVATrainer", DSLTrainer,
      "unfreezes the tower with its own optimizer group; resumable atomic checkpoints; optional aux loss"),
+    (llava_arch.LlavaMetaModel, "initialize_vision_modules", initialize_vision_modules,
+     "resolve/persist the layer spec before the projector is built; ZeRO-3-safe, shape-checked adapter load; "
+     "then the DPVR side branch"),
 )
 
 # The features that touch LLaVA, each with its own table.

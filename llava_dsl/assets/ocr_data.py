@@ -40,17 +40,22 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from llava_dsl.assets.tiny_models import _IMAGE_WORDS, _QUESTIONS_TEXT
-
 # Bump when the files written for the same parameters change, so that an old folder is rebuilt.
 FORMAT_VERSION = 1
 
 MARKER = "OCR_DATA.json"
 
-# The image texts come from the tiny tokenizer's corpus (llava_dsl.assets.tiny_models), so they are few pieces each.
-WORDS = tuple(_IMAGE_WORDS)
+# Short words that fit a tiny canvas. They and the questions are part of the tiny tokenizer's corpus
+# (llava_dsl.assets.tiny_models), so they are few pieces each.
+WORDS = tuple("""
+cat dog sun moon red blue map key box cup hat pen sky tree fish bird cake milk
+tea egg car bus boat star rain snow wind book door lamp rose gold ink owl fox
+bee ant cow pig hen yes no hi go up top mix jam zoo art fun sea ice fig oak
+""".split())
 
-TEXT_QUESTIONS = tuple(_QUESTIONS_TEXT)
+TEXT_QUESTIONS = ("What is written in the image?", "What does the text in the image say?",
+                  "Read the text in the image.", "What word or number is shown in the image?",
+                  "Which text is written in this picture?")
 
 NUMBER_QUESTIONS = ("What number is shown?", "What number is shown in the image?",
                     "Which number is written in the image?")

@@ -509,7 +509,7 @@ def train_lm(settings: LMSettings, out_dir: str, log=_log) -> Dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    from llava_dsl.assets.tiny_models import _build_corpus, build_tokenizer
+    from llava_dsl.assets.tiny_models import build_corpus, build_tokenizer
 
     tokenizer_dir = os.path.join(out_dir, ".tokenizer")
     build_tokenizer(tokenizer_dir, vocab_size=settings.vocab_size, seed=settings.seed)
@@ -524,8 +524,8 @@ def train_lm(settings: LMSettings, out_dir: str, log=_log) -> Dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         model = LlamaForCausalLM(config)
-    train_stream = _token_stream(tokenizer, _build_corpus(settings.seed))
-    heldout_stream = _token_stream(tokenizer, _build_corpus(settings.seed + 1_000_003)[:settings.heldout_lines])
+    train_stream = _token_stream(tokenizer, build_corpus(settings.seed))
+    heldout_stream = _token_stream(tokenizer, build_corpus(settings.seed + 1_000_003)[:settings.heldout_lines])
     perplexity_before = _perplexity(model, heldout_stream, settings.seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     rng = random.Random(f"lm-train-{settings.seed}")

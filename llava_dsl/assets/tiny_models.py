@@ -36,6 +36,8 @@ import shutil
 import tempfile
 from typing import Dict, List
 
+from llava_dsl.assets.ocr_data import TEXT_QUESTIONS, WORDS, RenderStyle, render
+
 # Bump when the content produced for a given set of parameters changes, so
 # that build_all() does not reuse assets written by an older version.
 ASSETS_FORMAT_VERSION = 1
@@ -77,22 +79,6 @@ artificial intelligence gives between written shown contains printed visible
 yes no not maybe please thanks hello goodbye sorry okay sure right left
 """.split()
 
-# Words that are rendered in the images. Short, so that they fit on a tiny
-# canvas at a readable font size.
-_IMAGE_WORDS = """
-cat dog sun moon red blue map key box cup hat pen sky tree fish bird cake milk
-tea egg car bus boat star rain snow wind book door lamp rose gold ink owl fox
-bee ant cow pig hen yes no hi go up top mix jam zoo art fun sea ice fig oak
-""".split()
-
-_QUESTIONS_TEXT = [
-    "What is written in the image?",
-    "What does the text in the image say?",
-    "Read the text in the image.",
-    "What word or number is shown in the image?",
-    "Which text is written in this picture?",
-]
-
 _QUESTIONS_NUMBER = [
     "Is it a number?",
     "Is the text a number?",
@@ -127,7 +113,7 @@ def _random_sentence(rng: random.Random, min_words: int = 3, max_words: int = 12
     return text + rng.choice([".", ".", ".", "?", "!"])
 
 
-def _build_corpus(seed: int, num_lines: int = 4000) -> List[str]:
+def build_corpus(seed: int, num_lines: int = 4000) -> List[str]:
     """Generated English corpus: plain sentences, numbers and chat turns."""
     rng = random.Random(seed)
     lines: List[str] = []
@@ -136,8 +122,8 @@ def _build_corpus(seed: int, num_lines: int = 4000) -> List[str]:
         if kind == 0:
             lines.append(_V1_SYSTEM)
         elif kind in (1, 2):
-            question = rng.choice(_QUESTIONS_TEXT + _QUESTIONS_NUMBER)
-            answer = rng.choice([rng.choice(_IMAGE_WORDS), _random_number(rng),
+            question = rng.choice(list(TEXT_QUESTIONS) + _QUESTIONS_NUMBER)
+            answer = rng.choice([rng.choice(WORDS), _random_number(rng),
                                  "Yes.", "No.", _random_sentence(rng, 2, 6)])
             lines.append(f"USER: {question} ASSISTANT: {answer}")
         elif kind == 3:
@@ -164,7 +150,7 @@ def build_tokenizer(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
     from transformers import LlamaTokenizer
 
     os.makedirs(out_dir, exist_ok=True)
-    corpus = _build_corpus(seed)
+    corpus = build_corpus(seed)
     # Train from memory and write through model_writer: the trainer spec stored
     # in the model then holds no temporary paths, so the file is byte-identical
     # for a given seed.
@@ -297,7 +283,7 @@ def save_image_processor(out_dir: str, image_size: int) -> None:
 def _sample_text(rng: random.Random) -> str:
     if rng.random() < 0.4:
         return str(rng.randint(0, 999)) if rng.random() < 0.8 else str(rng.randint(0, 9))
-    return rng.choice(_IMAGE_WORDS)
+    return rng.choice(WORDS)
 
 
 def is_number(text: str) -> bool:
@@ -312,8 +298,6 @@ def render_text_images(out_dir: str, num_samples: int, seed: int = 0,
     Font size, colours and position vary per image; everything is derived from ``seed``. Files go to
     ``out_dir/images``. Returns ``[{"id": ..., "image": "<file name relative to out_dir/images>", "text": ...}]``.
     """
-    from llava_dsl.assets.ocr_data import render  # imported here: ocr_data imports this module's word lists
-
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     rng = random.Random(f"tiny-images-{seed}")
@@ -330,8 +314,6 @@ def render_text_images(out_dir: str, num_samples: int, seed: int = 0,
 
 def _tiny_style():
     """Plain backgrounds, large fonts for the 32 px images of the test data sets, either polarity."""
-    from llava_dsl.assets.ocr_data import RenderStyle
-
     return RenderStyle(font_fractions=(0.25, 0.35, 0.5), backgrounds=("solid",), stroke_probability=0.0)
 
 
@@ -357,7 +339,7 @@ def write_llava_datasets(out_dir: str, num_samples: int = 16, seed: int = 0,
             "id": rec["id"],
             "image": rec["image"],
             "conversations": [
-                {"from": "human", "value": "<image>\n" + rng.choice(_QUESTIONS_TEXT)},
+                {"from": "human", "value": "<image>\n" + rng.choice(TEXT_QUESTIONS)},
                 {"from": "gpt", "value": rec["text"]},
                 {"from": "human", "value": rng.choice(_QUESTIONS_NUMBER)},
                 {"from": "gpt", "value": "Yes." if is_number(rec["text"]) else "No."},

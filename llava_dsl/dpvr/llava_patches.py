@@ -1,13 +1,10 @@
 """Every touch of the ``llava`` package for DPVR-LF (dual-path vision token routing, late-layer fusion).
 
-``llava_dsl.register()`` applies ``PATCHES`` (part of ``integration.ALL_PATCHES``): the model builds its side branch from the config, and LLaVA's forward and
-generate run the routed decoder (``llava_dsl.dpvr``) for a routed config; any other config takes LLaVA's own
-code path, call for call. The training entry point needs three more hooks that live in
-``llava_dsl.integration`` (which owns the flag dataclass, ``initialize_vision_modules`` and the trainer):
-
-    class ModelArguments(llava_train.ModelArguments, dpvr_integration.DPVRArguments)   # the flags
-    dpvr_integration.configure_routing(self, model_args)        # end of initialize_vision_modules
-    dpvr_integration.prepare_routed_training(model, args)       # DSLTrainer.__init__, after prepare_joint_training
+``llava_dsl.register()`` applies ``PATCHES`` (part of ``plugin.ALL_PATCHES``): the model builds its side branch
+from the config, and LLaVA's forward and generate run the routed decoder (``llava_dsl.dpvr``) for a routed config;
+any other config takes LLaVA's own code path, call for call. ``llava_dsl.plugin`` composes the rest into the
+training entry point: ``DPVRArguments`` into its ``ModelArguments``, ``configure_routing`` at the end of its
+``initialize_vision_modules``, ``prepare_routed_training`` in ``DSLTrainer.__init__`` after the joint-training setup.
 
 Config keys written (a checkpoint reloads into the same architecture from them alone): ``CONFIG_KEYS``.
 """

@@ -9,8 +9,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from llava_dsl.rprobe.checkpoint import geometry_of
-from llava_dsl.rprobe.model import ProbeGeometry, RProbe, copy_llm_weights, patchify, probe_depth
+from llava_dsl.rprobe.model import ProbeGeometry, RProbe, copy_llm_weights, geometry_of, patchify, probe_depth
 
 
 def _llava_model(model: nn.Module) -> nn.Module:

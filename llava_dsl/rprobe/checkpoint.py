@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
 
-from llava_dsl.rprobe.model import ProbeGeometry
+from llava_dsl.rprobe.model import CheckpointError, ProbeGeometry, geometry_of
 from llava_dsl.skip_links.adapter import load_projector_adapter
 
 LLAVA_TOUCHES = (
@@ -31,10 +31,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
                 "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint the probe cannot run on."""
-
-
 @dataclass
 class LoadedCheckpoint:
     path: str
@@ -48,23 +44,6 @@ class LoadedCheckpoint:
 
 def _has_full_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
-
-
-def geometry_of(model: nn.Module) -> Tuple[ProbeGeometry, List[float], List[float]]:
-    """Processed image size, token grid and normalisation of a loaded LLaVA model."""
-    tower = model.get_vision_tower()
-    processor = tower.image_processor
-    crop = getattr(processor, "crop_size", None) or {}
-    height, width = crop.get("height"), crop.get("width")
-    if height is None or height != width:
-        raise CheckpointError(f"image processor of {tower.vision_tower_name}: crop_size={crop}; the probe needs a "
-                              f"square processed image")
-    grid = tower.config.image_size // tower.config.patch_size
-    select = getattr(model.config, "mm_vision_select_feature", "patch")
-    if select not in ("patch", "cls_patch"):
-        raise CheckpointError(f"mm_vision_select_feature={select!r}: expected 'patch' or 'cls_patch'")
-    geometry = ProbeGeometry(image_size=int(height), grid=int(grid), has_cls=select == "cls_patch")
-    return geometry, [float(x) for x in processor.image_mean], [float(x) for x in processor.image_std]
 
 
 def load_checkpoint(model_path: str, model_base: Optional[str] = None, dtype: torch.dtype = torch.float32,

@@ -86,6 +86,27 @@ class ProbeGeometry:
                 f"so token pooling / anyres tiling is not supported")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint the probe cannot run on."""
+
+
+def geometry_of(model: nn.Module) -> Tuple[ProbeGeometry, List[float], List[float]]:
+    """Processed image size, token grid and normalisation of a loaded LLaVA model."""
+    tower = model.get_vision_tower()
+    processor = tower.image_processor
+    crop = getattr(processor, "crop_size", None) or {}
+    height, width = crop.get("height"), crop.get("width")
+    if height is None or height != width:
+        raise CheckpointError(f"image processor of {tower.vision_tower_name}: crop_size={crop}; the probe needs a "
+                              f"square processed image")
+    grid = tower.config.image_size // tower.config.patch_size
+    select = getattr(model.config, "mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise CheckpointError(f"mm_vision_select_feature={select!r}: expected 'patch' or 'cls_patch'")
+    geometry = ProbeGeometry(image_size=int(height), grid=int(grid), has_cls=select == "cls_patch")
+    return geometry, [float(x) for x in processor.image_mean], [float(x) for x in processor.image_std]
+
+
 def patchify(pixels: torch.Tensor, region: int) -> torch.Tensor:
     """[B, C, S, S] -> [B, (S/region)^2, region*region*C], tokens row-major, pixels (row, col, channel)."""
     b, c, h, w = pixels.shape

@@ -8,37 +8,12 @@ computed on top of them) but never straight through the shortcut. No parameters 
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn
 
 from llava_dsl.skip_links.layer_spec import LayerSpec
-
-_MULTILAYER_TYPE = re.compile(r"^(detached_)?mlp(?:(\d+)x_gelu)?_multilayer$")
-
-
-@dataclass(frozen=True)
-class MultiLayerProjectorType:
-    name: str
-    mlp_depth: int
-    detached: bool
-
-
-def parse_projector_type(name: Optional[str]) -> Optional[MultiLayerProjectorType]:
-    """``mlp_multilayer`` / ``detached_mlp_multilayer`` (2-layer MLP), ``[detached_]mlp{N}x_gelu_multilayer``.
-
-    Returns None for any other name (LLaVA's own types), so callers fall through to LLaVA's builder.
-    """
-    match = _MULTILAYER_TYPE.match(name or "")
-    if not match:
-        return None
-    depth = int(match.group(2)) if match.group(2) else 2
-    if depth < 1:
-        raise ValueError(f"mm_projector_type={name!r}: the MLP needs at least one Linear layer")
-    return MultiLayerProjectorType(name=name, mlp_depth=depth, detached=bool(match.group(1)))
 
 
 def build_multilayer_mlp(layer_width: int, num_layers: int, hidden_size: int, mlp_depth: int = 2) -> nn.Sequential:

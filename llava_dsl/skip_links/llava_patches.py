@@ -1,6 +1,7 @@
 """Detached Skip-Links inside LLaVA-1.5: the multi-layer tower, the projector builder, vision-module
 initialisation (resolve and persist the layer spec, shape-checked adapter loading), joint training of the tower
-with its own learning rate, and the flags. ``PATCHES`` lists every name this feature swaps inside ``llava``."""
+with its own learning rate, and the flags. ``PATCHES`` lists the names this feature swaps inside ``llava``; ``initialize_vision_modules`` is swapped by
+``llava_dsl.plugin``, which composes it with DPVR's routing."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,17 +17,15 @@ import torch.nn as nn
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 
 from llava_dsl.compat.distributed import print_once
-from llava_dsl.dpvr.llava_patches import configure_routing
 from llava_dsl.skip_links.adapter import load_projector_adapter
 from llava_dsl.skip_links.clip_taps import clip_hidden_states
-from llava_dsl.skip_links.fusion import build_multilayer_mlp, fuse_layers, parse_projector_type
+from llava_dsl.skip_links.fusion import fuse_layers
 from llava_dsl.skip_links.layer_spec import LayerSpec, LayerSpecError, absolute_layer, resolve_layer_spec
+from llava_dsl.skip_links.projectors import projector_type
 
 _UPSTREAM_BUILD_VISION_PROJECTOR = projector_builder.build_vision_projector
 
 _UPSTREAM_INITIALIZE_VISION_MODULES = llava_arch.LlavaMetaModel.initialize_vision_modules
-
-
 
 
 @dataclass
@@ -58,9 +57,9 @@ def _layer_flags(args) -> Tuple:
 
 def resolve_spec_for(args, num_blocks: int) -> Optional[LayerSpec]:
     """The LayerSpec that ``args`` (train flags or a model config) ask for; None for LLaVA's own types."""
-    kind = parse_projector_type(getattr(args, "mm_projector_type", None))
+    kind = projector_type(getattr(args, "mm_projector_type", None))
     skip_layers, stride, detach_depth = _layer_flags(args)
-    if kind is None:
+    if kind is None or not kind.multilayer:
         given = {"--mm_vision_skip_layers": skip_layers, "--mm_vision_skip_stride": stride,
                  "--mm_vision_detach_depth": detach_depth}
         given = {k: v for k, v in given.items() if v is not None}
@@ -131,16 +130,11 @@ class MultiLayerCLIPVisionTower(CLIPVisionTower):
 
 
 def build_vision_projector(config, delay_load=False, **kwargs):
-    """LLaVA's builder, plus the multilayer types (which read the persisted layer spec from the config)."""
-    kind = parse_projector_type(getattr(config, "mm_projector_type", None))
-    if kind is None:
+    """LLaVA's builder, plus the registered types it does not know (``projectors.KINDS``)."""
+    kind = projector_type(getattr(config, "mm_projector_type", None))
+    if kind is None or kind.kind.build is None:
         return _UPSTREAM_BUILD_VISION_PROJECTOR(config, delay_load=delay_load, **kwargs)
-    taps = getattr(config, "mm_vision_skip_layers", None)
-    if not taps:
-        raise LayerSpecError(
-            f"config has mm_projector_type={kind.name!r} but no mm_vision_skip_layers; a multilayer checkpoint "
-            f"records its tapped layers in config.json (was it written without llava_dsl?)")
-    return build_multilayer_mlp(config.mm_hidden_size, 1 + len(taps), config.hidden_size, kind.mlp_depth)
+    return kind.kind.build(config, kind.mlp_depth)
 
 
 def _tower_depth(vision_tower_name: str) -> int:
@@ -182,7 +176,6 @@ def initialize_vision_modules(self, model_args, fsdp=None):
     if model_args.pretrain_mm_mlp_adapter is not None:
         load_projector_adapter(self.mm_projector, model_args.pretrain_mm_mlp_adapter,
                                getattr(self.config, "mm_projector_type", None))
-    configure_routing(self, model_args)  # side branch + routing keys (--mm_routing dpvr_lf)
 
 
 def vision_tower_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -223,7 +216,6 @@ def split_param_groups(groups: List[Dict], selected: set, lr: float) -> List[Dic
     return result + moved
 
 
-
 class JointTrainingMixin:
     """Trainer mixin: the unfrozen tower's parameters get their own optimizer group at --mm_vision_tower_lr."""
 
@@ -241,6 +233,7 @@ class JointTrainingMixin:
         optimizer._llava_dsl_grouped = True
         return optimizer
 
+
 PATCHES = (
     (projector_builder, "build_vision_projector", build_vision_projector,
      "the projector builder is an if/regex chain with no registry"),
@@ -248,6 +241,4 @@ PATCHES = (
      "llava_arch imported the builder by name, so the module attribute alone is not enough"),
     (encoder_builder, "CLIPVisionTower", MultiLayerCLIPVisionTower,
      "build_vision_tower looks the tower class up at call time; ours returns fused layers and can train"),
-    (llava_arch.LlavaMetaModel, "initialize_vision_modules", initialize_vision_modules,
-     "resolve/persist the layer spec before the projector is built; ZeRO-3-safe, shape-checked adapter load"),
 )

@@ -6,7 +6,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from llava_dsl.skip_links.clip_taps import clip_hidden_states
-from llava_dsl.skip_links.fusion import build_multilayer_mlp, fuse_layers, parse_projector_type
+from llava_dsl.skip_links.fusion import build_multilayer_mlp, fuse_layers
 from llava_dsl.skip_links.layer_spec import resolve_layer_spec
 
 BLOCKS = 8
@@ -108,17 +108,3 @@ def test_projector_keys_and_shapes_match_llava_mlp():
     deep = build_multilayer_mlp(layer_width=32, num_layers=3, hidden_size=16, mlp_depth=3)
     assert list(deep.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     assert deep[0].in_features == 96 and isinstance(deep[1], torch.nn.GELU)
-
-
-@pytest.mark.parametrize("name, depth, detached", [
-    ("mlp_multilayer", 2, False), ("detached_mlp_multilayer", 2, True),
-    ("mlp3x_gelu_multilayer", 3, False), ("detached_mlp3x_gelu_multilayer", 3, True),
-])
-def test_projector_type_names(name, depth, detached):
-    kind = parse_projector_type(name)
-    assert (kind.mlp_depth, kind.detached) == (depth, detached)
-
-
-@pytest.mark.parametrize("name", ["mlp2x_gelu", "linear", "identity", "multilayer", "detached_mlp2x_gelu", None])
-def test_llava_types_are_not_multilayer(name):
-    assert parse_projector_type(name) is None

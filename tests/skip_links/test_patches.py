@@ -192,6 +192,31 @@ def test_patch_files_are_what_regenerate_builds_from_src():
     assert 0 < len(changed) <= 40
 
 
+def test_patched_builder_builds_every_registered_type_as_the_plugin(patched_llava):
+    """patches/ follow the projector registry: every entry (at several depths where its name carries one) builds
+    the same modules through patched LLaVA's builder as through the plugin's, and the equivalence runs below
+    cover every multi-layer entry. A new entry fails here until patches/ (and this list) know it."""
+    from types import SimpleNamespace
+
+    from llava_dsl.skip_links.llava_patches import build_vision_projector
+    from llava_dsl.skip_links.projectors import KINDS, projector_type
+
+    spec = importlib.util.spec_from_file_location(
+        "patched_builder", patched_llava / "llava" / "model" / "multimodal_projector" / "builder.py")
+    patched = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patched)
+    names = ["linear", "identity", "mlp1x_gelu", "mlp2x_gelu", "mlp3x_gelu", "mlp_multilayer",
+             "mlp1x_gelu_multilayer", "mlp3x_gelu_multilayer", "detached_mlp_multilayer",
+             "detached_mlp2x_gelu_multilayer", "detached_mlp3x_gelu_multilayer"]
+    assert {projector_type(name).kind for name in names} == set(KINDS), "a registered type is missing here"
+    for name in names:
+        config = SimpleNamespace(mm_projector_type=name, mm_hidden_size=8, hidden_size=16,
+                                 mm_vision_skip_layers=[6, 4, 2] if projector_type(name).multilayer else None)
+        assert str(build_vision_projector(config)) == str(patched.build_vision_projector(config)), name
+    tested = {VARIANTS[name][0] for name in VARIANTS}
+    assert tested == {kind.name for kind in KINDS if kind.multilayer}
+
+
 def train_flags(assets, output_dir):
     """A joint (stage-2) run with Detached Skip-Links: unfrozen tower at its own learning rate, 4 steps."""
     values = {
