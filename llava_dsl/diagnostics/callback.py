@@ -83,20 +83,28 @@ class GradStatsCallback(TrainerCallback):
         self._measuring = False
         self._step_start = 0.0
         self._step_seconds = {"measured": [], "unmeasured": []}
+        self._unmeasured_events: List[tuple] = []  # (start, end) CUDA events of unmeasured steps not read yet
 
     # -- per step --
     def on_step_begin(self, args, state, control, **kwargs):
         self._measuring = is_measured_step(state.global_step + 1, self.every, self.dense_steps)
-        if self._measuring:
-            self.splitter.seconds = 0.0
-            self.splitter.install()
+        if not self._measuring:
+            self._step_start = self._mark()
+            return
+        self.splitter.seconds = 0.0
+        self.splitter.install()
+        self._read_unmeasured_events()
         self._step_start = self._now()
 
     def on_step_end(self, args, state, control, **kwargs):
-        elapsed = self._now() - self._step_start
         if not self._measuring:
-            self._step_seconds["unmeasured"].append(elapsed)
+            end = self._mark()
+            if isinstance(end, float):
+                self._step_seconds["unmeasured"].append(end - self._step_start)
+            else:
+                self._unmeasured_events.append((self._step_start, end))
             return
+        elapsed = self._now() - self._step_start
         self.splitter.remove()
         self._measuring = False
         start = self._now()
@@ -135,6 +143,7 @@ class GradStatsCallback(TrainerCallback):
     # -- resume: the open window and everything measured so far travel with each checkpoint --
     def save_checkpoint_state(self, checkpoint: str) -> None:
         """Called by the trainer while ``checkpoint`` is written (before its completion marker)."""
+        self._read_unmeasured_events()
         state = {"windows": self.windows, "steps": self.steps, "open_steps": self._open_steps,
                  "open": {name: vars(acc) for name, acc in self._open.items()},
                  "step_seconds": self._step_seconds}
@@ -147,7 +156,8 @@ class GradStatsCallback(TrainerCallback):
             print_once(f"llava_dsl: {checkpoint} holds no gradient statistics (written without --dsl_grad_stats_*); "
                         f"{STATS_FILE} starts at the resumed step")
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # the open window's sums go where the gradients added to them will be (saved from, say, cuda:0)
+        state = torch.load(path, map_location=self._device(), weights_only=True)
         self.windows, self.steps, self._open_steps = state["windows"], state["steps"], state["open_steps"]
         self._step_seconds = state["step_seconds"]
         self._open = {}
@@ -174,6 +184,7 @@ class GradStatsCallback(TrainerCallback):
         self._write(state)
 
     def _write(self, state) -> None:
+        self._read_unmeasured_events()
         if not state.is_world_process_zero:
             return
         mean = lambda xs: sum(xs) / len(xs) if xs else None
@@ -195,9 +206,28 @@ class GradStatsCallback(TrainerCallback):
         }
         atomic_write_text(os.path.join(self.trainer.args.output_dir, STATS_FILE), json.dumps(payload, indent=1))
 
+    # -- timing: a measured step waits for the device (its split is timed on the host); an unmeasured step must
+    # not, so on CUDA it records a pair of events, read once the device has caught up anyway --
+    def _device(self) -> torch.device:
+        return next(iter(self.splitter.clip.parameters())).device
+
     def _now(self) -> float:
-        _synchronize(next(iter(self.splitter.clip.parameters())).device)
+        _synchronize(self._device())
         return time.perf_counter()
+
+    def _mark(self):
+        if self._device().type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _read_unmeasured_events(self) -> None:
+        if not self._unmeasured_events:
+            return
+        self._unmeasured_events[-1][1].synchronize()  # the stream ran every earlier event before it
+        self._step_seconds["unmeasured"] += [start.elapsed_time(end) / 1000 for start, end in self._unmeasured_events]
+        self._unmeasured_events = []
 
 
 def _loss_scale(trainer) -> float:
@@ -214,6 +244,20 @@ def _loss_scale(trainer) -> float:
     return 1.0
 
 
+def check_grad_stats_flags(every: int, dense_steps: int, window: int, error: type = ValueError) -> bool:
+    """True when the flags ask for a measurement; ``error`` (the front door's ValueError) naming the flag for
+    values that cannot work."""
+    if every < 0 or dense_steps < 0:
+        raise error(f"--dsl_grad_stats_every={every} --dsl_grad_stats_dense_steps={dense_steps}: expected >= 0 "
+                    f"(0: off)")
+    if every == 0 and dense_steps == 0:
+        return False
+    if window < 2:
+        raise error(f"--dsl_grad_stats_window={window}: a window needs at least 2 measured steps (tr(Cov) and SNR "
+                    f"are moments over the window's step gradients)")
+    return True
+
+
 def attach_grad_stats(trainer) -> Optional[GradStatsCallback]:
     """Add the callback to ``trainer`` when ``--dsl_grad_stats_every`` / ``--dsl_grad_stats_dense_steps`` ask
     for it; otherwise do nothing (no hook anywhere, zero cost)."""
@@ -221,15 +265,8 @@ def attach_grad_stats(trainer) -> Optional[GradStatsCallback]:
     every = int(getattr(args, "dsl_grad_stats_every", 0) or 0)
     dense = int(getattr(args, "dsl_grad_stats_dense_steps", 0) or 0)
     window = int(getattr(args, "dsl_grad_stats_window", 10) or 0)
-    if every <= 0 and dense <= 0:
-        if every < 0 or dense < 0:
-            raise ValueError(f"--dsl_grad_stats_every={every} --dsl_grad_stats_dense_steps={dense}: expected >= 0")
+    if not check_grad_stats_flags(every, dense, window):
         return None
-    if every < 0 or dense < 0:
-        raise ValueError(f"--dsl_grad_stats_every={every} --dsl_grad_stats_dense_steps={dense}: expected >= 0")
-    if window < 2:
-        raise ValueError(f"--dsl_grad_stats_window={window}: a window needs at least 2 measured steps "
-                         f"(tr(Cov) and SNR are moments over the window's step gradients)")
     tower = find_multilayer_tower(trainer.model)
     if tower is None:
         raise ValueError(

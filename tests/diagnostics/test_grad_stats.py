@@ -13,7 +13,7 @@ import torch
 from support import DEEPSPEED, ROOT, free_port, llava_flags, run_module
 from safetensors.torch import load_file
 
-from llava_dsl.diagnostics.callback import attach_grad_stats, is_measured_step
+from llava_dsl.diagnostics.callback import GradStatsCallback, attach_grad_stats, is_measured_step
 from llava_dsl.diagnostics.splitter import GradientSplitter, group_bounds, split_into_main_and_skip
 from llava_dsl.diagnostics.stats import WindowAccumulator, cosine, gradient_snr, trace_covariance
 from llava_dsl.plots import PALETTE
@@ -201,6 +201,8 @@ def test_flags_refuse_models_without_a_trainable_multilayer_tower(llava_model):
     with pytest.raises(ValueError, match="--dsl_grad_stats_window=1"):
         attach_grad_stats(SimpleNamespace(args=SimpleNamespace(**{**vars(args), "dsl_grad_stats_window": 1}),
                                           model=model))
+    with pytest.raises(ValueError, match="--dsl_grad_stats_every=-1 --dsl_grad_stats_dense_steps=0: expected >= 0"):
+        attach_grad_stats(SimpleNamespace(args=SimpleNamespace(**{**vars(args), "dsl_grad_stats_every": -1})))
     tower.layer_spec, saved = None, tower.layer_spec
     try:
         with pytest.raises(ValueError, match="--dsl_grad_stats_every=5.*mlp_multilayer or detached_mlp_multilayer"):
@@ -213,6 +215,88 @@ def test_flags_refuse_models_without_a_trainable_multilayer_tower(llava_model):
             attach_grad_stats(SimpleNamespace(args=args, model=model))
     finally:
         tower.vision_tower.requires_grad_(True)
+
+
+def _callback(tower, every, tmp_path):
+    """The callback as attach_grad_stats builds it, on a stand-in for the trainer (fp32: no loss scale)."""
+    trainer = SimpleNamespace(args=SimpleNamespace(fp16=False, output_dir=str(tmp_path)))
+    return GradStatsCallback(trainer, tower, every=every, dense_steps=0, window=10)
+
+
+def _step(callback, step, model=None, batch=None):
+    """Optimizer step ``step`` as the Trainer drives it: on_step_begin, forward/backward, on_step_end."""
+    state = SimpleNamespace(global_step=step - 1, is_world_process_zero=True)
+    callback.on_step_begin(None, state, None)
+    if model is not None:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+    state.global_step = step
+    callback.on_step_end(None, state, None)
+
+
+def test_a_resumed_open_window_lives_on_the_towers_device(llava_model, tmp_path):
+    """The open window's sums are saved from the tower's device and must come back there: reloaded onto the CPU
+    for a CUDA tower, the next ``sum += gradient`` mixed devices. The tower's copy on the meta device stands in
+    for the GPU (no GPU here)."""
+    import copy
+
+    model, tower, batch = llava_model
+    tower.layer_spec = spec()
+    saving = _callback(tower, every=1, tmp_path=tmp_path)
+    for step in (1, 2):
+        _step(saving, step, model, batch)
+    saving.save_checkpoint_state(str(tmp_path))
+    elsewhere = SimpleNamespace(layer_spec=tower.layer_spec, vision_tower=copy.deepcopy(tower.vision_tower).to("meta"))
+    resumed = _callback(elsewhere, every=1, tmp_path=tmp_path)
+    resumed.load_checkpoint_state(str(tmp_path))
+    assert resumed._open_steps == [1, 2] and sorted(resumed._open) == sorted(saving._open)
+    for name, window in resumed._open.items():
+        assert window.n == 2 and window.sums and all(total.device.type == "meta" for total in window.sums)
+    same = _callback(tower, every=1, tmp_path=tmp_path)  # on the saving device the window continues unchanged
+    same.load_checkpoint_state(str(tmp_path))
+    for name, window in saving._open.items():
+        assert same._open[name].n == 2 and all(torch.equal(a, b) for a, b in zip(same._open[name].sums, window.sums))
+
+
+def test_only_measured_steps_wait_for_the_device(llava_model, tmp_path, monkeypatch):
+    """With the measurement on, an unmeasured step never synchronises the device (on a GPU that stalls every
+    step); it is timed with CUDA events, read once a measured step has synchronised anyway. The tower reads as a
+    CUDA one, and torch.cuda's events and synchronisation are counted (no GPU here)."""
+    import llava_dsl.diagnostics.callback as callback_module
+
+    _, tower, _ = llava_model
+    tower.layer_spec = spec()
+    waits = []
+    monkeypatch.setattr(callback_module, "_synchronize", waits.append)
+
+    class Event:  # torch.cuda.Event's timing interface; consecutive events 125 ms apart
+        made = 0
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            Event.made += 1
+            self.seconds, self.recorded = Event.made * 0.125, False
+
+        def record(self):
+            self.recorded = True
+
+        def synchronize(self):
+            waits.append("event")
+
+        def elapsed_time(self, end):
+            assert self.recorded and end.recorded
+            return (end.seconds - self.seconds) * 1000
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    callback = _callback(tower, every=4, tmp_path=tmp_path)
+    monkeypatch.setattr(callback, "_device", lambda: torch.device("cuda"), raising=False)
+    for step in (1, 2, 3):
+        _step(callback, step)
+    assert waits == [] and Event.made == 6
+    _step(callback, 4)  # measured (no pass to observe: zero parts)
+    assert waits[0] == "event" and waits[1:] and all(w == torch.device("cuda") for w in waits[1:])
+    assert callback._step_seconds["unmeasured"] == pytest.approx([0.125] * 3)
+    assert len(callback._step_seconds["measured"]) == 1 and [s["step"] for s in callback.steps] == [4]
 
 
 # --------------------------------------------------------------------------------------------------
