@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from llava_dsl.diagnostics.callback import GradStatsCallback
+from llava_dsl.diagnostics.callback import check_grad_stats_flags as _check_grad_stats_flags
 from llava_dsl.diagnostics.splitter import GradientSplitter, vision_transformer
 
 from .core import DSLError, _current_layers, _num_blocks, _target, dsl_state
@@ -85,15 +86,7 @@ def feature_layout(model: nn.Module) -> Tuple[nn.Module, nn.Module, FeatureLayou
 
 def check_grad_stats_flags(every: int, dense_steps: int, window: int) -> bool:
     """True when the flags ask for a measurement; an error naming the flag for values that cannot work."""
-    if every < 0 or dense_steps < 0:
-        raise DSLError(f"--dsl_grad_stats_every={every} --dsl_grad_stats_dense_steps={dense_steps}: expected >= 0 "
-                       f"(0: off)")
-    if every == 0 and dense_steps == 0:
-        return False
-    if window < 2:
-        raise DSLError(f"--dsl_grad_stats_window={window}: a window needs at least 2 measured steps (tr(Cov) and SNR "
-                       f"are moments over the window's step gradients)")
-    return True
+    return _check_grad_stats_flags(every, dense_steps, window, error=DSLError)
 
 
 class HFGradStatsCallback(GradStatsCallback):
