@@ -74,40 +74,111 @@ def to_messages(conversations) -> List[Dict]:
 
 
 class LlavaChatCollator:
-    """Processor-based collator: the processor's chat template and image processing; labels only on assistant turns
-    (each turn's span found from the tokenized prefix lengths), padding and image tokens masked."""
+    """Processor-based collator: the processor's chat template and image processing; labels only on the assistant
+    turns, never on padding or image tokens, right under either ``tokenizer.padding_side``.
+
+    The batch goes through the processor once (the image processor runs once per batch). Each assistant turn's span
+    is measured on the sample's own unpadded ids: the chat-template prefixes are tokenized with the tokenizer alone,
+    the image placeholder expanded to the run of image tokens the processor produced for that image (so anyres
+    LLaVA-NeXT counts come out right), and each prefix must be the start of the processed ids. Then every sample is
+    truncated to ``max_length`` (None: no truncation; the start is kept, as TRL does) and padded again on the
+    tokenizer's side. A sample whose image would be cut, or whose every answer token would be cut, is refused by id.
+    """
 
     def __init__(self, processor, max_length=None):
         self.processor = processor
         self.max_length = max_length
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
 
-    def _len(self, text, image):
-        return len(self.processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0])
+    def _prefix_ids(self, text, n_image):
+        # the processor expands the placeholder in the text to one image token per feature, then tokenizes
+        expanded = text.replace(self.image_token, self.image_token * n_image)
+        return self.tokenizer(expanded)["input_ids"]
+
+    def _spans(self, sample_id, messages, ids):
+        """[(start, end)] of each assistant turn in ``ids`` (the sample's processed ids, unpadded)."""
+        apply = self.processor.apply_chat_template
+        n_image = sum(1 for t in ids if t == self.image_token_id)
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            bounds = []
+            for prefix, gen in ((messages[:k], True), (messages[:k + 1], False)):
+                part = self._prefix_ids(apply(prefix, tokenize=False, add_generation_prompt=gen), n_image)
+                if part != ids[:len(part)]:
+                    at = next((i for i, (a, b) in enumerate(zip(part, ids)) if a != b), min(len(part), len(ids)))
+                    raise DataError(
+                        f"sample id {sample_id!r}, turn {k}: the chat template's text up to this turn tokenizes to "
+                        f"{len(part)} tokens that are not a prefix of the sample's {len(ids)} processed tokens "
+                        f"(first difference at position {at}); this processor's template is not prefix-stable, so "
+                        f"the assistant span cannot be found")
+                bounds.append(len(part))
+            spans.append(tuple(bounds))
+        return spans
+
+    def _truncate(self, sample_id, ids, spans):
+        if self.max_length is None or len(ids) <= self.max_length:
+            return len(ids)
+        m = self.max_length
+        image_at = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if image_at and image_at[-1] >= m:
+            raise DataError(f"sample id {sample_id!r}: its {len(image_at)} image tokens end at position "
+                            f"{image_at[-1] + 1} of {len(ids)} tokens, beyond max_length={m}; truncation would cut "
+                            f"the image. Raise --max_length")
+        if not any(start < m for start, end in spans if end > start):
+            raise DataError(f"sample id {sample_id!r}: {len(ids)} tokens, and max_length={m} cuts every assistant "
+                            f"token (the first answer starts at position {spans[0][0] if spans else '?'}); it "
+                            f"would train on nothing. Raise --max_length")
+        return m
 
     def __call__(self, examples):
-        texts, images, spans = [], [], []
+        texts, images, all_messages = [], [], []
         for ex in examples:
             try:
                 image = Image.open(ex["image"]).convert("RGB")
             except Exception as e:  # noqa: BLE001 - named and re-raised
                 raise DataError(f"sample id {ex['id']!r}: cannot read image {ex['image']!r} ({e})") from None
             messages = to_messages(ex["conversations"])
-            apply = self.processor.apply_chat_template
-            texts.append(apply(messages, tokenize=False))
+            texts.append(self.processor.apply_chat_template(messages, tokenize=False))
             images.append(image)
-            span = []
-            for k, m in enumerate(messages):
-                if m["role"] == "assistant":
-                    start = self._len(apply(messages[:k], tokenize=False, add_generation_prompt=True), image)
-                    end = self._len(apply(messages[:k + 1], tokenize=False), image)
-                    span.append((start, end))
-            spans.append(span)
+            all_messages.append(messages)
         batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        labels = torch.full_like(batch["input_ids"], -100)
-        for i, span in enumerate(spans):
-            for start, end in span:
-                labels[i, start:end] = batch["input_ids"][i, start:end]
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
+        input_ids = batch["input_ids"]
+        if "attention_mask" not in batch:
+            raise DataError(f"processor {type(self.processor).__name__} returned no attention_mask: the collator "
+                            f"needs it to find each sample's tokens under padding")
+        keep = batch["attention_mask"].bool()
+        # every per-token tensor (attention_mask, Qwen3-VL's mm_token_type_ids, ...) is cut and padded alike
+        per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == input_ids.shape]
+        rows, labels = [], []
+        for i, (ex, messages) in enumerate(zip(examples, all_messages)):
+            ids = input_ids[i][keep[i]].tolist()
+            spans = self._spans(ex["id"], messages, ids)
+            n = self._truncate(ex["id"], ids, spans)
+            row = {k: batch[k][i][keep[i]][:n] for k in per_token}
+            label = torch.full((n,), -100, dtype=input_ids.dtype)
+            for start, end in spans:
+                label[start:end] = row["input_ids"][start:end]
+            rows.append(row)
+            labels.append(label)
+        width = max(len(label) for label in labels)
+        left = self.tokenizer.padding_side == "left"
+
+        def pad(values, fill):
+            out = torch.full((len(values), width), fill, dtype=values[0].dtype)
+            for i, v in enumerate(values):
+                if left:
+                    out[i, width - len(v):] = v
+                else:
+                    out[i, :len(v)] = v
+            return out
+
+        for k in per_token:
+            batch[k] = pad([r[k] for r in rows], self.tokenizer.pad_token_id if k == "input_ids" else 0)
+        labels = pad(labels, -100)
+        labels[batch["input_ids"] == self.image_token_id] = -100
         batch["labels"] = labels
         return batch
