@@ -164,7 +164,10 @@ class CheckedLazySupervisedDataset(_UPSTREAM_DATASET):
         except Exception as error:
             record, position = self.list_data_dict[index], self.source_index[index]
             path = self._image_path(record)
-            reason = (image_problem(path) if path else None) or f"{type(error).__name__}: {error}"
+            reason = image_problem(path) if path else None
+            if reason is None:  # not a data problem this module can name: a bug is never skipped as bad data
+                error.add_note(f"while loading {self._describe(position, 'record and image look sound', record)}")
+                raise
             raise BadSampleError(self._describe(position, reason, record),
                                  self._record(position, reason, record)) from error
 

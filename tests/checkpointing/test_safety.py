@@ -476,21 +476,27 @@ def test_a_missing_image_stops_the_run_naming_sample_json_and_image(tiny_assets,
     assert "--skip_bad_samples True skips such samples" in output
 
 
-def test_dataset_names_bad_records_and_images_and_never_drops_a_skip_silently(tiny_assets, tmp_path, monkeypatch):
+def _tokenizer_and_data_args(tiny_assets, images, monkeypatch):
+    """The tiny LM's tokenizer with LLaVA's v1 template, and ``data_args(path, skip)`` as train() builds them."""
     import transformers
     from llava import conversation as conversation_lib
 
-    data, images, good_ids = _bad_data(tiny_assets, tmp_path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_assets["llm"], use_fast=False, model_max_length=128)
     tokenizer.pad_token = tokenizer.unk_token
     monkeypatch.setattr(conversation_lib, "default_conversation", conversation_lib.conv_templates["v1"])
 
     def data_args(path, skip):
-        args = DataArguments(data_path=path, image_folder=images, image_aspect_ratio="pad",
-                                    skip_bad_samples=skip)
+        args = DataArguments(data_path=path, image_folder=images, image_aspect_ratio="pad", skip_bad_samples=skip)
         args.image_processor = transformers.CLIPImageProcessor.from_pretrained(tiny_assets["vision_tower"])
         args.is_multimodal, args.mm_use_im_start_end = True, False
         return args
+
+    return tokenizer, data_args
+
+
+def test_dataset_names_bad_records_and_images_and_never_drops_a_skip_silently(tiny_assets, tmp_path, monkeypatch):
+    data, images, good_ids = _bad_data(tiny_assets, tmp_path)
+    tokenizer, data_args = _tokenizer_and_data_args(tiny_assets, images, monkeypatch)
 
     with pytest.raises(BadSampleError) as refused:
         CheckedLazySupervisedDataset(data, tokenizer, data_args(data, skip=False))
@@ -517,6 +523,25 @@ def test_dataset_names_bad_records_and_images_and_never_drops_a_skip_silently(ti
     collator.carry_sample_info = True
     batch = collator([item, lenient[3]])
     assert batch["sample_ids"] == [good_ids[0], good_ids[1]] and len(batch["skipped_samples"]) == 2
+
+
+def test_an_error_from_code_is_raised_even_with_skip_bad_samples(tiny_assets, tmp_path, monkeypatch):
+    """Only the data problems the dataset can name (bad records, missing or unreadable images) are skipped; an
+    error from code while loading a sound sample reaches the user, naming that sample, and nothing is skipped."""
+    import llava.train.train as llava_train
+
+    data, images, good_ids = _bad_data(tiny_assets, tmp_path, which=("missing-image",))
+    tokenizer, data_args = _tokenizer_and_data_args(tiny_assets, images, monkeypatch)
+    lenient = CheckedLazySupervisedDataset(data, tokenizer, data_args(data, skip=True))
+    assert [s["id"] for s in lenient[0]["skipped"]] == ["missing-image"]
+
+    def broken_preprocess(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(llava_train, "preprocess", broken_preprocess)
+    with pytest.raises(TypeError, match="unsupported operand") as raised:
+        lenient[1]
+    assert f"sample id '{good_ids[0]}' (record 1 of {data}" in "\n".join(getattr(raised.value, "__notes__", []))
 
 
 if __name__ == "__main__":
