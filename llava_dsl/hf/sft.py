@@ -5,7 +5,8 @@
     accelerate launch --config_file scripts/hf/zero3.yaml -m llava_dsl.hf.sft ...
 
 Every SFTConfig flag (learning_rate, max_steps, save_steps, deepspeed, gradient_checkpointing, bf16, ...) works as in
-TRL. ``--resume_from_checkpoint PATH|latest`` resumes through the Trainer's own machinery; the detach is re-applied
+TRL (without CUDA, ``--bf16`` defaults to False). ``--resume_from_checkpoint PATH|latest`` resumes through the
+Trainer's own machinery from a complete checkpoint only (the LLaVA path's completion marker); the detach is re-applied
 to the rebuilt model first. See docs/hf.md.
 """
 from __future__ import annotations
@@ -73,6 +74,9 @@ def check_arguments(dsl: DSLArguments, args) -> None:
         _fail(f"--vision_tower_lr {dsl.vision_tower_lr}: expected a non-negative learning rate")
     if dsl.dsl_off and any(v is not None for v in (dsl.dsl_detach_layers, dsl.dsl_detach_depth)):
         _fail("--dsl_off True with --dsl_detach_layers/--dsl_detach_depth: naive fusion detaches nothing; give one")
+    if dsl.dsl_detach_layers is not None and dsl.dsl_detach_depth is not None:
+        _fail(f"--dsl_detach_layers={dsl.dsl_detach_layers!r} and --dsl_detach_depth={dsl.dsl_detach_depth}: both "
+              f"choose which taps are detached; give one of them")
     if dsl.dsl_skip_layers is not None and dsl.dsl_skip_stride is not None:
         _fail(f"--dsl_skip_layers={dsl.dsl_skip_layers!r} and --dsl_skip_stride={dsl.dsl_skip_stride}: use one")
     from .core import DSLError
@@ -100,54 +104,111 @@ def _layers(value, flag):
         _fail(f"{flag}={value!r}: expected a comma-separated list of integer layers such as '12,6'")
 
 
-def resolve_checkpoint(value, output_dir):
-    """``latest`` (or ``auto``) -> the newest checkpoint-N in output_dir, or None when there is none yet."""
-    from transformers.trainer_utils import get_last_checkpoint
+def resolve_checkpoint(value, args):
+    """``latest`` (or ``auto``) -> the newest complete checkpoint-N in ``args.output_dir`` (None when there is none
+    yet); a PATH -> that checkpoint, if complete. Complete is the LLaVA path's rule (llava_dsl.checkpointing:
+    the completion marker ``CheckpointCompleted`` writes last, and every file it lists at its size); incomplete
+    checkpoints in the output folder are moved aside with a line saying so, never resumed from."""
+    from llava_dsl.checkpointing.completeness import (checkpoint_problem, latest_complete_checkpoint,
+                                                      read_completion_marker, set_aside_incomplete)
+    from llava_dsl.compat.distributed import say, say_once
 
     if value in (None, "", "False", "false"):
         return None
     if value in ("latest", "auto", "True", "true"):
-        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if not os.path.isdir(value):
-        _fail(f"--resume_from_checkpoint={value!r}: no such checkpoint folder (or pass 'latest')")
-    return value
+        if args.should_save:
+            for message in set_aside_incomplete(args.output_dir):
+                say(message)
+        args.distributed_state.wait_for_everyone()  # every rank sees the same folder from here on
+        checkpoint = latest_complete_checkpoint(args.output_dir)
+        if checkpoint is None:
+            say_once(f"--resume_from_checkpoint={value}: no complete checkpoint in {args.output_dir}; training from "
+                     f"step 0")
+            return None
+    else:
+        if not os.path.isdir(value):
+            _fail(f"--resume_from_checkpoint={value!r}: no such checkpoint folder (or pass 'latest')")
+        problem = checkpoint_problem(value)
+        if problem:
+            _fail(f"--resume_from_checkpoint={value!r}: cannot resume from it: {problem}")
+        checkpoint = value
+    marker = read_completion_marker(checkpoint)
+    if args.deepspeed and marker.get("world_size") != args.world_size:
+        _fail(f"--resume_from_checkpoint: {checkpoint} was written by {marker.get('world_size')} ranks, this run has "
+              f"{args.world_size}: its DeepSpeed ZeRO files hold one partition per rank; restart with "
+              f"{marker.get('world_size')} ranks")
+    say_once(f"resuming from {checkpoint} (step {marker.get('global_step')})")
+    return checkpoint
 
 
-def _flag(argv, name):
-    for i, arg in enumerate(argv):
-        if arg == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
+def completion_marker_callback():
+    """A TrainerCallback that completes each checkpoint with the LLaVA path's marker (last, once every rank has
+    written its files), so that a resume can tell a whole checkpoint from one cut by a kill. Added after every
+    callback that writes into the checkpoint on ``on_save``."""
+    from transformers import TrainerCallback
+
+    from llava_dsl.checkpointing.completeness import write_completion_marker
+
+    class CheckpointCompleted(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            args.distributed_state.wait_for_everyone()
+            if args.should_save:
+                checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                write_completion_marker(checkpoint, state.global_step, args.world_size, deepspeed=bool(args.deepspeed))
+            args.distributed_state.wait_for_everyone()
+
+    return CheckpointCompleted()
 
 
-def prepare_cpu_deepspeed(argv):
-    """A ``--deepspeed`` run on a machine without CUDA gets what the LLaVA path's CPU runs get
-    (llava_dsl.compat.deepspeed): ZeRO-3's sequential all-gather (the coalesced one races under gloo), and the process
-    group initialised here, before the Trainer reads the world size, with DeepSpeed's shared-memory all-reduce buffers
-    unlinked once every rank has mapped them. Without that early init, the batch size the Trainer writes into the
-    DeepSpeed config (for the launcher's world size) fails DeepSpeed's own check, which sees one process
-    (train_batch_size 4 != 2 * 1 * 1). ``--use_cpu True`` (without it accelerate sees one process on a machine
-    without CUDA) and ``--bf16 False`` (TRL's bf16 default assumes a GPU) are added when not given, and said so."""
+USAGE = ("python -m llava_dsl.hf.sft --model_name_or_path M --data_path D --image_folder I --output_dir O "
+         "[--dsl_* flags] [SFTConfig flags] (--help lists them all)")
+
+
+def parse_arguments(argv):
+    """(DSLArguments, SFTConfig) from the command line, with the defaults a machine without CUDA needs.
+
+    HfArgumentParser's argparse pass comes first (a bad value such as ``--seed abc`` is refused naming its flag);
+    the machine-dependent choices are made from the parsed values; only then are the dataclasses built, because
+    SFTConfig's own checks need them: its bf16 check (TRL defaults bf16 to True, which transformers refuses without a
+    GPU) and, with ``--deepspeed``, the world size it writes into the DeepSpeed config.
+
+    Without CUDA: ``--bf16`` defaults to False (every run; ``--bf16 True`` is left to transformers, which runs CPU
+    bf16 autocast with ``--use_cpu True`` and refuses it otherwise). With ``--deepspeed`` also what the LLaVA path's
+    CPU runs get (llava_dsl.compat.deepspeed): ``--use_cpu True`` unless given (without it accelerate sees one
+    process), ZeRO-3's sequential all-gather (the coalesced one races under gloo), and the process group initialised
+    here, before the Trainer reads the world size, with DeepSpeed's shared-memory all-reduce buffers unlinked once
+    every rank has mapped them. Without that early init, the batch size the Trainer writes into the DeepSpeed config
+    (for the launcher's world size) fails DeepSpeed's own check, which sees one process (train_batch_size 4 != 2 * 1
+    * 1). What was added is said in one line."""
+    import argparse
+
     import torch
+    from transformers import HfArgumentParser
+    from trl import SFTConfig
 
-    if not _flag(argv, "deepspeed") or torch.cuda.is_available():
-        return argv
-    from llava_dsl.compat.deepspeed import cpu_safe_deepspeed_argv, init_deepspeed_distributed
     from llava_dsl.compat.distributed import say_once
 
-    argv = cpu_safe_deepspeed_argv(argv, cuda=False)
+    parser = HfArgumentParser((DSLArguments, SFTConfig), prog="python -m llava_dsl.hf.sft", usage=USAGE)
+    values = vars(parser.parse_args(argv, namespace=argparse.Namespace(use_cpu=None)))  # None: not given
+    cuda = torch.cuda.is_available()
     added = []
-    for name in ("use_cpu", "bf16"):
-        if _flag(argv, name) is None:
-            value = "True" if name == "use_cpu" else "False"
-            argv += [f"--{name}", value]
-            added.append(f"--{name} {value}")
+    if not cuda and values["bf16"] is None and not values["fp16"]:
+        values["bf16"] = False
+        added.append("--bf16 False")
+    if not cuda and values["deepspeed"]:
+        if values["use_cpu"] is None:
+            values["use_cpu"] = True
+            added.append("--use_cpu True")
+        from llava_dsl.compat.deepspeed import cpu_safe_deepspeed_argv, init_deepspeed_distributed
+
+        values["deepspeed"] = cpu_safe_deepspeed_argv(["--deepspeed", values["deepspeed"]], cuda=False)[1]
+    if values["use_cpu"] is None:
+        values["use_cpu"] = False
     if added:
-        say_once(f"DeepSpeed without CUDA: {' '.join(added)} (pass them to choose otherwise)")
-    init_deepspeed_distributed(cuda=False, timeout_s=float(_flag(argv, "ddp_timeout") or 1800))
-    return argv
+        say_once(f"no CUDA: {' '.join(added)} (pass them to choose otherwise)")
+    if not cuda and values["deepspeed"]:
+        init_deepspeed_distributed(cuda=False, timeout_s=values["ddp_timeout"])
+    return parser.parse_dict(values)
 
 
 def build_model(dsl: DSLArguments, args, weights_from=None):
@@ -198,21 +259,19 @@ def build_model(dsl: DSLArguments, args, weights_from=None):
 
 
 def main(argv=None):
-    from transformers import AutoProcessor, HfArgumentParser
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoProcessor
+    from trl import SFTTrainer
 
     from .core import CONFIG_KEY, TowerLRMixin, unwrap_model
     from .data import DataError, LlavaChatCollator, load_llava_json
 
-    argv = prepare_cpu_deepspeed(list(sys.argv[1:] if argv is None else argv))
-    parser = HfArgumentParser((DSLArguments, SFTConfig))
-    dsl, args = parser.parse_args_into_dataclasses(args=argv)
+    dsl, args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
     check_arguments(dsl, args)
     try:
         records = load_llava_json(dsl.data_path, dsl.image_folder)
     except DataError as e:
         _fail(str(e))
-    resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    resume = resolve_checkpoint(args.resume_from_checkpoint, args)
     args.resume_from_checkpoint = None
     args.remove_unused_columns = False
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -254,6 +313,7 @@ def main(argv=None):
                           resume_from=resume)
     except DSLError as e:
         _fail(f"{e} (model {dsl.model_name_or_path!r})")
+    trainer.add_callback(completion_marker_callback())  # last: after the callbacks that write into checkpoints
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():

@@ -5,6 +5,7 @@ and DDP with a main layer below the last block. One uninterrupted single-process
 end-to-end checks, for the resumed run and for ZeRO-3."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,11 +136,76 @@ def _refused(argv, capsys):
     (["--vision_tower_lr", "1e-4", "--freeze_vision_tower", "True"], "a frozen tower has no learning rate"),
     (["--dsl_grad_stats_every", "2", "--dsl_grad_stats_window", "1"], "--dsl_grad_stats_window=1: a window needs"),
     (["--dsl_grad_stats_dense_steps", "-1"], "--dsl_grad_stats_dense_steps=-1: expected >= 0"),
+    (["--dsl_detach_layers", "1", "--dsl_detach_depth", "1"], "--dsl_detach_layers='1' and --dsl_detach_depth=1: "
+                                                              "both choose"),
+    (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--deepspeed", os.path.join(ROOT, "scripts", "hf", "zero3.json"), "--ddp_timeout", "x"],
+     "argument --ddp_timeout/--ddp-timeout: invalid int value: 'x'"),
 ])
-def test_entry_point_refuses_bad_flags(data, tmp_path, capsys, flags, message):
-    err = _refused(sft_args(data, tmp_path / "x") + flags, capsys)
+def test_entry_point_refuses_bad_flags(data, tmp_path, capsys, monkeypatch, flags, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were refused")
+
+    if "both choose" in message:  # refused from the flags alone, before any model loads
+        monkeypatch.setattr(sft, "build_model", no_model)
+    detach_depth = None if "--dsl_detach_layers" in flags else 1  # the flags choose it
+    err = _refused(sft_args(data, tmp_path / "x", dsl_detach_depth=detach_depth) + flags, capsys)
     assert message in err, err[-2000:]
+    assert "Traceback" not in err and len(err) < 2000, err[-2000:]  # one message, not the whole usage
     assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_a_cpu_run_without_bf16_trains_in_float32_and_says_so(data, tmp_path, capsys):
+    """TRL's SFTConfig defaults bf16 to True, which transformers refuses without a GPU ("Your setup doesn't support
+    bf16/gpu") unless --use_cpu is given; every run on a machine without CUDA gets --bf16 False, said in one line."""
+    assert not torch.cuda.is_available()
+    trainer = sft.main([str(a) for a in sft_args(data, tmp_path / "x", steps=1, bf16=None, use_cpu=None)])
+    out = capsys.readouterr().out
+    assert trainer.args.bf16 is False and "no CUDA: --bf16 False" in out, out[-2000:]
+    assert (tmp_path / "x" / "config.json").exists()
+
+
+def _checkpoint(folder, step, complete=True):
+    """A checkpoint folder as the Trainer writes one (weights, optimizer, scheduler, RNG, trainer state)."""
+    from llava_dsl.checkpointing.completeness import write_completion_marker
+
+    os.makedirs(folder)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / name).write_bytes(b"x" * (step + 10))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        write_completion_marker(str(folder), step, 1, deepspeed=False)
+    return folder
+
+
+def _cpu_args(output_dir):
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to=[])
+
+
+def test_resume_latest_skips_an_incomplete_checkpoint_and_moves_it_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    _checkpoint(out / "checkpoint-2", 2)
+    cut = _checkpoint(out / "checkpoint-4", 4)
+    (cut / "optimizer.pt").unlink()  # killed while the Trainer was writing it
+    _checkpoint(out / "checkpoint-6", 6, complete=False)  # killed before the completion marker
+    assert sft.resolve_checkpoint("latest", _cpu_args(out)) == str(out / "checkpoint-2")
+    said = capsys.readouterr().out
+    assert f"{out / 'checkpoint-4'} is incomplete (optimizer.pt is missing)" in said, said
+    assert f"{out / 'checkpoint-6'} is incomplete (no readable checkpoint_complete.json" in said, said
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "incomplete-checkpoints"]
+    assert sft.resolve_checkpoint("latest", _cpu_args(tmp_path / "empty")) is None
+
+
+def test_resume_from_an_incomplete_path_is_refused_by_name(tmp_path, capsys):
+    cut = _checkpoint(tmp_path / "run" / "checkpoint-4", 4)
+    (cut / "rng_state.pth").write_bytes(b"x")  # cut short
+    with pytest.raises(SystemExit):
+        sft.resolve_checkpoint(str(cut), _cpu_args(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert f"--resume_from_checkpoint={str(cut)!r}: cannot resume from it: rng_state.pth has 1 bytes" in err, err
+    assert cut.is_dir()  # named, left where it is
 
 
 def test_entry_point_names_bad_data(data, tmp_path, capsys):
@@ -205,14 +271,22 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(data, reference, tmp_p
                          start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if (killed / f"checkpoint-{EVERY}" / "trainer_state.json").exists():
+        if (killed / f"checkpoint-{EVERY}" / "checkpoint_complete.json").exists():
             os.killpg(p.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed after its first checkpoint"
     assert not (killed / "config.json").exists()
+    # a newer checkpoint cut by the kill: its optimizer state never reached the disk (the Trainer would resume
+    # from it with a fresh optimizer, silently)
+    cut = killed / f"checkpoint-{2 * EVERY}"
+    shutil.rmtree(cut, ignore_errors=True)
+    shutil.copytree(killed / f"checkpoint-{EVERY}", cut)
+    (cut / "optimizer.pt").unlink()
     _, log = run(command + ["--resume_from_checkpoint", "latest"])
+    assert f"{cut} is incomplete (optimizer.pt is missing); moved to" in log, log[-3000:]
+    assert f"resuming from {killed / f'checkpoint-{EVERY}'} (step {EVERY})" in log, log[-3000:]
     assert "dsl_detach_layers=[1]" in log
     a, b = weights(full), weights(killed)
     assert a.keys() == b.keys()
@@ -244,7 +318,7 @@ def test_zero3_two_ranks_equal_one_process(data, reference, tmp_path):
                                    deepspeed=os.path.join(ROOT, "scripts", "hf", "zero3.json")), timeout=500)
     assert "stage3_allgather_sequential=true" in log  # the CPU-safe config of llava_dsl.compat.deepspeed
     # no --use_cpu / --bf16 given: the entry point adds them on a machine without CUDA, and says so
-    assert "dist_world_size=2" in log and "DeepSpeed without CUDA: --use_cpu True --bf16 False" in log
+    assert "dist_world_size=2" in log and "no CUDA: --bf16 False --use_cpu True" in log
     # read back as users do: transformers 5.x writes the ZeRO-3-gathered state dict under its legacy key names
     # (language_model.model.model.*), which from_pretrained maps back
     a, b = loaded(one), loaded(two)
