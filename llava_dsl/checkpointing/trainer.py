@@ -23,7 +23,7 @@ from llava_dsl.checkpointing.completeness import (
     write_completion_marker,
 )
 from llava_dsl.skip_links.adapter import load_adapter_checkpoint
-from llava_dsl.compat.distributed import say
+from llava_dsl.compat.distributed import say, say_once
 from llava_dsl.data_checks import (
     DATA_CHECKS_FILE,
     EXAMPLES_KEPT,
@@ -88,6 +88,26 @@ def _resolve(qualified_name: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _read_data_checks(checkpoint: str) -> DataChecks:
+    """The counts of masked and skipped samples a checkpoint carries; an error naming the file if it is unreadable
+    (it is written atomically before the completion marker: damage is not an interrupted save)."""
+    path = os.path.join(checkpoint, DATA_CHECKS_FILE)
+    if not os.path.exists(path):
+        say_once(f"{checkpoint} holds no {DATA_CHECKS_FILE}; the counts of masked and skipped samples start at 0")
+        return DataChecks()
+    try:
+        with open(path, encoding="utf-8") as f:
+            fields = json.load(f)
+        if not isinstance(fields, dict):
+            raise TypeError(f"expected a JSON object of counts, found a {type(fields).__name__}")
+        return DataChecks(**fields)
+    except (OSError, ValueError, TypeError) as error:
+        problem = f"not valid JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
+        raise ValueError(f"{path}: {problem}; the resumed run cannot continue the counts of masked and skipped "
+                         f"samples (restore the file, or move {checkpoint} aside to resume from the one "
+                         f"before)") from None
+
+
 class SafetyTrainerMixin:
     """Resumable checkpoints in every stage, atomic saves and data checks; a base class before LLaVATrainer."""
 
@@ -139,9 +159,7 @@ class SafetyTrainerMixin:
                     f"{checkpoint} was written by {marker.get('world_size')} ranks, this run has "
                     f"{self.args.world_size}: its DeepSpeed ZeRO files hold one partition per rank; restart with "
                     f"{marker.get('world_size')} ranks")
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                with open(os.path.join(checkpoint, DATA_CHECKS_FILE), encoding="utf-8") as f:
-                    self.data_checks = DataChecks(**json.load(f))
+            self.data_checks = _read_data_checks(checkpoint)
             for callback in self._checkpoint_state_callbacks():
                 callback.load_checkpoint_state(checkpoint)
             if self.is_world_process_zero():

@@ -359,6 +359,43 @@ def test_only_complete_checkpoints_are_resumed_from(tmp_path):
     assert len(os.listdir(out / "incomplete-checkpoints")) == 3
 
 
+def test_resume_restores_the_data_checks_or_stops_naming_the_file(tmp_path, capsys):
+    """The counts of masked and skipped samples continue from the checkpoint's data_checks.json; a file that
+    cannot be read stops the resume naming it (the counts never restart at zero unnoticed)."""
+    import transformers
+
+    from llava_dsl.checkpointing.trainer import SafetyTrainerMixin
+    from llava_dsl.data_checks import DataChecks
+
+    class Trainer(SafetyTrainerMixin, transformers.Trainer):
+        pass
+
+    out = tmp_path / "llava-run"
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=transformers.TrainingArguments(str(out), report_to=[]))
+    checkpoint = out / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    path = checkpoint / "data_checks.json"
+
+    def resume(text):
+        if text is None:
+            path.unlink()
+        else:
+            path.write_text(text)
+        write_completion_marker(str(checkpoint), 4, 1, deepspeed=False)  # a complete checkpoint with this file
+        trainer.data_checks = DataChecks()
+        return trainer._resume_point(str(checkpoint))
+
+    counts = DataChecks(seen=16, masked=1, masked_examples=["tiny-0-00003"], skipped_indices=[2],
+                        skipped_examples=["missing-image"])
+    assert resume(json.dumps(counts.__dict__)) == str(checkpoint) and trainer.data_checks == counts
+    for text, problem in (('{"seen": 16, "mask', "not valid JSON"), ('{"seen": 16, "unread": 1}', "unread"),
+                          ("[16, 1]", "expected")):
+        with pytest.raises(ValueError, match=re.escape(f"{path}: ") + f".*{problem}.*cannot continue"):
+            resume(text)
+    assert resume(None) == str(checkpoint) and trainer.data_checks == DataChecks()
+    assert f"{checkpoint} holds no data_checks.json" in capsys.readouterr().out
+
+
 def test_zero3_on_cpu_gathers_sequentially_without_touching_the_config_file():
     """Without stage3_allgather_sequential, ZeRO-3 under gloo leaves some pretrained weights stale at random
     (measured: 7-45 wrong CLIP weights in 12-20 loads of the tiny tower; 0 with it): the resume tests need it."""
