@@ -1,73 +1,44 @@
-"""One Pillow plotting toolkit for the whole package (matplotlib is not part of the stack): fonts, ticks, the
-palette, line panels, tiling, image grids."""
+"""The package's figures: line plots and interval plots on matplotlib (Agg, no display), returned as PIL images so
+every caller saves them the same way (``save_png``); the reconstruction grid tiles PIL images with Pillow."""
 from __future__ import annotations
 
 import math
 import os
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
-
-def font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
+DPI = 100
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k steps) covering [low, high]."""
-    if high <= low:
-        return [low]
-    raw = (high - low) / max(count - 1, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=raw)
-    first = math.ceil(low / step) * step
-    ticks, value = [], first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    return ticks
+def colour(index: int) -> Tuple[float, float, float]:
+    """PALETTE[index] (cycled) as matplotlib's 0-1 RGB."""
+    return tuple(c / 255 for c in PALETTE[index % len(PALETTE)])
 
 
-def tick_label(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-2:
-        return f"{value:.0e}"
-    return f"{value:.3g}"
+def figure(size: Tuple[int, int], rows: int = 1, columns: int = 1, **kwargs):
+    """A matplotlib figure of ``size`` pixels with a grid of axes (always a 2-d array), off-screen."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False, **kwargs)
+    return fig, axes
 
 
-class Axis:
-    """A linear or log axis fitted to [low, high] with a little padding; ``fraction`` maps a value to [0, 1]."""
+def to_image(fig):
+    """The figure rendered to an RGB PIL image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
 
-    def __init__(self, low: float, high: float, log: bool):
-        if log:
-            low, high = math.log10(low), math.log10(high)
-        if high - low < 1e-12:
-            spread = 0.5 if log else max(abs(low) * 0.1, 0.05)
-            low, high = low - spread, high + spread
-        pad = (high - low) * 0.06
-        self.low, self.high, self.log = low - pad, high + pad, log
-
-    def fraction(self, value: float) -> float:
-        v = math.log10(value) if self.log else value
-        return (v - self.low) / (self.high - self.low)
-
-    def ticks(self) -> List[float]:
-        if not self.log:
-            return nice_ticks(self.low, self.high)
-        decades = range(math.floor(self.low), math.ceil(self.high) + 1)
-        for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 5, 7)):
-            ticks = [m * 10.0 ** d for d in decades for m in mantissas if 0 <= self.fraction(m * 10.0 ** d) <= 1]
-            if len(ticks) >= 3:
-                return ticks
-        return ticks
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1
+                            ).convert("RGB")
 
 
 def save_png(image, out: str) -> str:
@@ -126,60 +97,48 @@ def reconstruction_grid(rows: Sequence[Sequence], titles: Sequence[str], min_cel
 
 
 def plot_curves(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], hlines: Dict[str, float],
-                title: str, xlabel: str, ylabel: str, size: Tuple[int, int] = (720, 440)):
-    """Line plot drawn with ImageDraw: one polyline per series, dashed horizontal reference lines, a legend."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    labels = list(series) + list(hlines)
-    legend = max([ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(label), font=font) for label in labels] + [0])
-    left, right, top, bottom = 70, max(190, int(legend) + 46), 34, 50
-    size = (size[0] + right - 190, size[1])  # the plot keeps its width; the legend gets the room its labels need
-    width, height = size
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    xs = [float(x) for xs_, _ in series.values() for x in xs_]
-    ys = [float(y) for _, ys_ in series.values() for y in ys_] + [float(v) for v in hlines.values()]
-    ys = [y for y in ys if math.isfinite(y)]
-    if not xs or not ys:
+                title: str, xlabel: str, ylabel: str, size: Tuple[int, int] = (720, 440), log: bool = False):
+    """One line per series (dots at the points), dashed horizontal reference lines, the legend beside the plot."""
+    fig, axes = figure(size)
+    ax = axes[0, 0]
+    finite = [float(y) for _, ys in series.values() for y in ys if math.isfinite(float(y))]
+    if not finite and not hlines:
         raise ValueError("nothing to plot")
-    x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y_lo, y_hi = 0.0, max(ys) * 1.05 if max(ys) > 0 else 1.0
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def px(x: float, y: float) -> Tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * plot_w, top + (1 - (y - y_lo) / (y_hi - y_lo)) * plot_h)
-
-    draw.text((left, 4), title, fill="black", font=font)
-    for t in nice_ticks(y_lo, y_hi):
-        _, y = px(x_lo, t)
-        draw.line([(left, y), (left + plot_w, y)], fill=(230, 230, 230))
-        draw.text((8, y - 6), f"{t:.3g}", fill="black", font=font)
-    for t in nice_ticks(x_lo, x_hi):
-        x, _ = px(t, y_lo)
-        draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill="black")
-        draw.text((x - 10, top + plot_h + 8), f"{t:g}", fill="black", font=font)
-    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
-    draw.text((left + plot_w // 2 - 20, height - 18), xlabel, fill="black", font=font)
-    draw.text((8, top - 14), ylabel, fill="black", font=font)
-
-    legend_y = top
+    for k, (label, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, color=colour(k), linewidth=1.8, marker="o" if len(xs) <= 60 else None, markersize=3,
+                label=label)
     for k, (label, value) in enumerate(hlines.items()):
-        colour = (110, 110, 110) if k == 0 else (200, 60, 60)
-        _, y = px(x_lo, value)
-        for x0 in range(left, left + plot_w, 12):
-            draw.line([(x0, y), (min(x0 + 6, left + plot_w), y)], fill=colour, width=1)
-        draw.line([(left + plot_w + 10, legend_y + 6), (left + plot_w + 30, legend_y + 6)], fill=colour)
-        draw.text((left + plot_w + 36, legend_y), label, fill="black", font=font)
-        legend_y += 16
-    for k, (label, (sx, sy)) in enumerate(series.items()):
-        colour = PALETTE[k % len(PALETTE)]
-        points = [px(float(x), float(y)) for x, y in zip(sx, sy) if math.isfinite(float(y))]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.line([(left + plot_w + 10, legend_y + 6), (left + plot_w + 30, legend_y + 6)], fill=colour, width=2)
-        draw.text((left + plot_w + 36, legend_y), label, fill="black", font=font)
-        legend_y += 16
-    return canvas
+        ax.axhline(value, color=("0.45" if k == 0 else (0.78, 0.24, 0.24)), linestyle="--", linewidth=1, label=label)
+    if log:
+        ax.set_yscale("log")
+    elif min(finite + list(hlines.values())) >= 0:
+        ax.set_ylim(bottom=0)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return to_image(fig)
+
+
+def interval_plot(rows: Sequence[Tuple[str, float, Optional[Sequence[float]]]], title: str, xlabel: str,
+                  reference: Optional[float] = 0.0, size: Tuple[int, int] = (720, 0)):
+    """One row per estimate: a dot at the value and a horizontal bar over its interval ((low, high) or None);
+    a vertical line at ``reference``."""
+    height = size[1] or 70 + 26 * len(rows)
+    fig, axes = figure((size[0], height))
+    ax = axes[0, 0]
+    for i, (label, value, interval) in enumerate(rows):
+        y = len(rows) - 1 - i
+        if interval is not None:
+            ax.errorbar(value, y, xerr=[[value - interval[0]], [interval[1] - value]], fmt="o", color=colour(i),
+                        capsize=4, markersize=5)
+        else:
+            ax.plot([value], [y], "o", color=colour(i), markersize=5)
+    if reference is not None:
+        ax.axvline(reference, color="0.4", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), [label for label, _, _ in reversed(rows)], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set(title=title, xlabel=xlabel)
+    ax.title.set_fontsize(9)
+    ax.grid(axis="x", alpha=0.3)
+    return to_image(fig)

@@ -5,12 +5,6 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
-def _save(image, out: str) -> None:
-    from llava_dsl.plots import save_png
-
-    save_png(image, out)
-
-
 def _smooth(values: Sequence[float], window: int) -> List[float]:
     out, total = [], 0.0
     for i, value in enumerate(values):
@@ -21,87 +15,43 @@ def _smooth(values: Sequence[float], window: int) -> List[float]:
     return out
 
 
-def line_panel(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
-               size: Tuple[int, int] = (560, 330), log: bool = False):
-    """One line plot: a line per series, axes fitted to the data (not to 0), the legend under the title."""
-    from PIL import Image, ImageDraw
+def _panels(count: int, columns: int, panel: Tuple[int, int], title: Optional[str] = None):
+    from llava_dsl.plots import figure
 
-    from llava_dsl.plots import PALETTE
-    from llava_dsl.plots import Axis as _Axis
-    from llava_dsl.plots import font as _font
-    from llava_dsl.plots import nice_ticks as _nice_ticks
-    from llava_dsl.plots import tick_label
-
-    width, height = size
-    small, medium = _font(11), _font(13)
-    legend_rows = math.ceil(len(series) / 2)
-    left, right, top, bottom = 62, 16, 30 + 16 * legend_rows, 44
-    points = {k: [(float(x), float(y)) for x, y in zip(*v) if math.isfinite(float(y)) and (not log or y > 0)]
-              for k, v in series.items()}
-    xs = [x for p in points.values() for x, _ in p] or [0.0, 1.0]
-    ys = [y for p in points.values() for _, y in p] or [1.0]
-    x_axis, y_axis = _Axis(min(xs), max(xs), log=False), _Axis(min(ys), max(ys), log=log)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def to_px(x: float, y: float) -> Tuple[float, float]:
-        return left + x_axis.fraction(x) * plot_w, top + plot_h - y_axis.fraction(y) * plot_h
-
-    draw.text((left, 6), title + ("  (log)" if log else ""), fill="black", font=medium)
-    for i, label in enumerate(series):
-        x, y = left + (i % 2) * (plot_w // 2), 26 + 16 * (i // 2)
-        draw.line([(x, y + 6), (x + 20, y + 6)], fill=PALETTE[i % len(PALETTE)], width=3)
-        draw.text((x + 26, y), label, fill="black", font=small)
-    for tick in y_axis.ticks():
-        if 0 <= y_axis.fraction(tick) <= 1:
-            y = to_px(x_axis.low, tick)[1]
-            draw.line([(left, y), (left + plot_w, y)], fill=(225, 225, 225))
-            draw.text((left - 6, y), tick_label(tick), fill="black", font=small, anchor="rm")
-    for tick in _nice_ticks(x_axis.low, x_axis.high):
-        if 0 <= x_axis.fraction(tick) <= 1 and tick == int(tick):
-            x = to_px(tick, 1.0)[0]
-            draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill="black")
-            draw.text((x, top + plot_h + 6), str(int(tick)), fill="black", font=small, anchor="mt")
-    draw.text((left + plot_w / 2, height - 16), xlabel, fill="black", font=small, anchor="mt")
-    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
-    for i, pts in enumerate(points.values()):
-        colour = PALETTE[i % len(PALETTE)]
-        pixels = [to_px(x, y) for x, y in pts]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        if len(pixels) <= 30:  # dots only where they stay readable
-            for x, y in pixels:
-                draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
-    return image
-
-
-def tile(panels: Sequence, columns: int, title: Optional[str] = None):
-    """Panels (PIL images of one size) in a grid under an optional title line."""
-    from PIL import Image, ImageDraw
-
-    from llava_dsl.plots import font as _font
-
-    width, height = panels[0].size
-    rows = math.ceil(len(panels) / columns)
-    top = 30 if title else 0
-    canvas = Image.new("RGB", (columns * width, top + rows * height), "white")
+    rows = math.ceil(count / columns)
+    fig, axes = figure((panel[0] * columns, panel[1] * rows + (30 if title else 0)), rows=rows, columns=columns)
     if title:
-        ImageDraw.Draw(canvas).text((12, 8), title, fill="black", font=_font(15))
-    for i, panel in enumerate(panels):
-        canvas.paste(panel, ((i % columns) * width, top + (i // columns) * height))
-    return canvas
+        fig.suptitle(title, fontsize=11)
+    for ax in axes.flat[count:]:
+        ax.set_axis_off()
+    return fig, list(axes.flat)
+
+
+def _lines(ax, series: Dict[str, Tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str) -> None:
+    """One line per series, dots where they stay readable, axes fitted to the data, the legend inside."""
+    from llava_dsl.plots import colour
+
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, color=colour(i), linewidth=1.8, marker="o" if len(xs) <= 30 else None, markersize=3,
+                label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, frameon=False)
 
 
 def draw_loss_curves(losses: Dict[str, Dict[int, List[Tuple[int, float]]]], out: str) -> str:
-    panels = []
-    for stage, name in ((1, "stage 1 (projector only)"), (2, "stage 2 (joint: LLM + projector + tower)")):
+    from llava_dsl.plots import save_png, to_image
+
+    fig, axes = _panels(2, 2, (600, 360))
+    for ax, (stage, name) in zip(axes, ((1, "stage 1 (projector only)"),
+                                        (2, "stage 2 (joint: LLM + projector + tower)"))):
         runs = {p: losses[p][stage] for p in losses}
         window = max(1, max(len(v) for v in runs.values()) // 15)
         series = {p: ([s for s, _ in v], _smooth([l for _, l in v], window)) for p, v in runs.items()}
-        title = f"{name}: training loss" + (f", moving mean of {window}" if window > 1 else "")
-        panels.append(line_panel(series, title, "optimizer step", size=(600, 360)))
-    _save(tile(panels, 2), out)
+        _lines(ax, series, f"{name}: training loss" + (f", moving mean of {window}" if window > 1 else ""),
+               "optimizer step")
+    save_png(to_image(fig), out)
     return out
 
 
@@ -113,20 +63,23 @@ def grad_norm_series(stats: Dict, group: str, key: str) -> Tuple[List[int], List
 def draw_grad_norms(naive: Dict, detached: Dict, out: str) -> str:
     """Per group of tower blocks: the gradient norm training applied (naive vs detached), and the naive run's
     main-path part, at every measured step."""
-    panels = []
-    for group in naive["groups"]:
+    from llava_dsl.plots import save_png, to_image
+
+    spec = naive["layer_spec"]
+    taps = ", ".join(str(layer) for layer in sorted(spec["taps"], reverse=True) if layer != spec["main"]) or "none"
+    detached_taps = ", ".join(str(layer) for layer in sorted(detached["layer_spec"]["detached_layers"], reverse=True))
+    fig, axes = _panels(len(naive["groups"]), 3, (560, 330),
+                        f"Vision-tower gradient norm per block group in stage 2 (taps {taps}; "
+                        f"detached run: {detached_taps or 'none'} detached)")
+    for ax, group in zip(axes, naive["groups"]):
         name = group["name"]
         reached = [layer for layer in group["reached_by"] if layer != naive["layer_spec"]["main"]]
         series = {"naive: applied (main + skip)": grad_norm_series(naive, name, "norm_applied"),
                   "naive: main path only": grad_norm_series(naive, name, "norm_main"),
                   "detached: applied": grad_norm_series(detached, name, "norm_applied")}
         title = f"{name}: ||grad||, reached by taps {reached}" if reached else f"{name}: ||grad||, no tap"
-        panels.append(line_panel(series, title, "optimizer step"))
-    spec = naive["layer_spec"]
-    taps = ", ".join(str(layer) for layer in sorted(spec["taps"], reverse=True) if layer != spec["main"]) or "none"
-    detached_taps = ", ".join(str(layer) for layer in sorted(detached["layer_spec"]["detached_layers"], reverse=True))
-    _save(tile(panels, 3, f"Vision-tower gradient norm per block group in stage 2 (taps {taps}; "
-                          f"detached run: {detached_taps or 'none'} detached)"), out)
+        _lines(ax, series, title, "optimizer step")
+    save_png(to_image(fig), out)
     return out
 
 
@@ -138,10 +91,21 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def with_interval(correct: float, n: int, percent: bool) -> str:
+    """A count of right answers out of ``n`` with its 95 % Wilson interval: how far one arm's number can move
+    with another sample of ``n`` questions."""
+    from llava_dsl.study.stats import wilson
+
+    low, high = wilson(int(round(correct)), n)
+    if percent:
+        return f"{100 * correct / n:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
+    return f"{int(round(correct))} / {n} [{n * low:.0f}, {n * high:.0f}]"
+
+
 def markdown_table(rows: Sequence[Dict], probe: Dict, chance: Optional[Dict] = None) -> str:
     header = ("| projector | | stage 1 loss (first → final) | stage 2 loss (first → final) | R-Probe MSE ↓ | "
-              "R-Probe PSNR dB ↑ | R-Probe steps to threshold ↓ | TextVQA-format acc. % | OCRBench-format points | "
-              "train time s |")
+              "R-Probe PSNR dB ↑ | R-Probe steps to threshold ↓ | TextVQA-format acc. % [95 % interval] | "
+              "OCRBench-format points [95 % interval] | train time s |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         s1, s2, rp, ev = row["stage1"], row["stage2"], row["rprobe"], row["eval"]
@@ -149,8 +113,8 @@ def markdown_table(rows: Sequence[Dict], probe: Dict, chance: Optional[Dict] = N
             f"| `{row['projector']}` | {row['label']} | {_fmt(s1['first_loss'])} → {_fmt(s1['final_loss'])} | "
             f"{_fmt(s2['first_loss'])} → {_fmt(s2['final_loss'])} | {_fmt(rp['final_mse'], 4)} | "
             f"{_fmt(rp['final_psnr'], 2)} | {'not reached' if rp['steps_to_threshold'] is None else rp['steps_to_threshold']} | "
-            f"{_fmt(ev['textvqa']['score'], 1)} | "
-            f"{int(ev['ocrbench']['score'])} / {ev['ocrbench']['n']} | "
+            f"{with_interval(ev['textvqa']['score'] * ev['textvqa']['n'] / 100, ev['textvqa']['n'], True)} | "
+            f"{with_interval(ev['ocrbench']['score'], ev['ocrbench']['n'], False)} | "
             f"{s1['wall_seconds'] + s2['wall_seconds']:.0f} |")
     if chance is not None:
         lines.append(f"| image ignored | best constant answer | | | | | | {_fmt(chance['textvqa']['score'], 1)} | "
@@ -160,5 +124,7 @@ def markdown_table(rows: Sequence[Dict], probe: Dict, chance: Optional[Dict] = N
                  f"{probe['steps']} probe steps; a mean-image predictor scores MSE {probe['trivial_mse']:.4f} / "
                  f"PSNR {probe['trivial_psnr']:.2f} dB; threshold {probe['threshold']:.4f} (half of that MSE), "
                  f"checked every {probe['eval_every']} steps. Stage losses: first logged step → mean of the last "
-                 f"10% of steps.")
+                 f"10% of steps. Intervals: 95 % Wilson intervals of one arm's share of right answers. The "
+                 f"table shows that every arm reads; it does not rank the arms (docs/study.md compares them with a "
+                 f"paired test over seeds).")
     return "\n".join(lines) + "\n"

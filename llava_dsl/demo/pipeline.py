@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from llava_dsl.assets.pretrained import default_root
 from llava_dsl.checkpointing.atomic import atomic_file, atomic_write_text
 from llava_dsl.demo.figures import draw_grad_norms, draw_loss_curves, markdown_table
-from llava_dsl.demo.stage_flags import as_argv, tiny_stage_flags
+from llava_dsl.demo.stage_flags import as_argv, claim_output_dir, tiny_stage_flags
 
 PROJECTORS = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
 
@@ -312,12 +312,8 @@ def clean(output_dir: str) -> None:
     """Remove what an earlier demo wrote (models and data are kept: they are cached by their parameters).
 
     A folder that holds other files and no demo marker is refused, so a mistyped --output_dir loses nothing."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(os.path.join(output_dir, MARKER)):
-        raise DemoError(f"--output_dir {output_dir} is not empty and was not written by the demo; "
-                        f"choose a new or empty folder")
-    os.makedirs(output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(output_dir, MARKER),
-                      "written by python -m llava_dsl.demo; a rerun replaces everything here except assets/\n")
+    claim_output_dir(output_dir, MARKER, "the demo",
+                     "python -m llava_dsl.demo; a rerun replaces everything here except assets/", DemoError)
     for part in OUTPUT_PARTS:
         path = os.path.join(output_dir, part)
         if os.path.isdir(path):

@@ -1,9 +1,22 @@
-"""LLaVA-1.5's ``train.py`` flags for one tiny CPU stage on the digit data, shared by the demo and the study (the
-same recipe as LLaVA's scripts/v1_5/*.sh, at the sizes these runs use): each caller adds only what differs, its
-checkpointing and its gradient diagnostics."""
+"""What the demo and the study share: LLaVA-1.5's ``train.py`` flags for one tiny CPU stage on the digit data (the
+same recipe as LLaVA's scripts/v1_5/*.sh, at the sizes these runs use; each caller adds only what differs, its
+checkpointing and its gradient diagnostics), and the guard on their output folders."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import os
+from typing import Dict, List, Optional, Type
+
+
+def claim_output_dir(output_dir: str, marker: str, owner: str, note: str, error: Type[Exception]) -> None:
+    """Create ``output_dir`` and mark it with the file ``marker`` (text ``note``). A folder that holds other files
+    and no marker is refused with ``error`` naming ``owner``, so a mistyped --output_dir loses nothing."""
+    from llava_dsl.checkpointing.atomic import atomic_write_text
+
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(os.path.join(output_dir, marker)):
+        raise error(f"--output_dir {output_dir} is not empty and was not written by {owner}; "
+                    f"choose a new or empty folder")
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(output_dir, marker), f"written by {note}\n")
 
 
 def as_argv(values: Dict[str, object]) -> List[str]:

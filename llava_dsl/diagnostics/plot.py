@@ -6,10 +6,8 @@ import math
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from PIL import Image, ImageDraw
-
 from llava_dsl.diagnostics.stats import STATS_FILE
-from llava_dsl.plots import PALETTE, Axis, font, nice_ticks, save_png, tick_label
+from llava_dsl.plots import colour, figure, save_png, to_image
 
 # (key in a window's group summary, row title, log scale)
 ROWS = (
@@ -20,7 +18,7 @@ ROWS = (
     ("norm_skip", "mean ||g_skip|| / mean ||g_main||", True),
 )
 
-PANEL_W, PANEL_H, MARGIN_L, MARGIN_B, MARGIN_T, GAP = 420, 230, 70, 34, 26, 18
+PANEL_W, PANEL_H = 500, 270  # pixels per panel
 
 
 def load_run(run_dir: str) -> Dict:
@@ -63,72 +61,33 @@ def series(stats: Dict, key: str) -> Dict[str, List[Tuple[float, float]]]:
     return out
 
 
-def _row_range(runs: Sequence[Dict], key: str, log: bool) -> Tuple[float, float]:
-    values = [v for stats in runs for points in series(stats, key).values() for _, v in points if not log or v > 0]
-    if not values:
-        return (0.1, 10.0) if log else (0.0, 1.0)
-    return min(values), max(values)
-
-
 def plot(run_dirs: Sequence[str], out: str) -> str:
+    from matplotlib.lines import Line2D
+
     runs = [load_run(d) for d in run_dirs]
     groups: List[str] = []
     for stats in runs:
         for g in stats["groups"]:
             if g["name"] not in groups:
                 groups.append(g["name"])
-    colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
-    steps = [w["last_step"] for stats in runs for w in stats["windows"]]
-    x_axis = Axis(min(steps), max(steps), log=False)
-
-    cell_w, cell_h = MARGIN_L + PANEL_W + GAP, MARGIN_T + PANEL_H + MARGIN_B
-    title_h, legend_h = 34, 30
-    width, height = cell_w * len(runs) + GAP, title_h + cell_h * len(ROWS) + legend_h
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    small, medium = font(11), font(14)
-
-    for column, stats in enumerate(runs):
-        x0 = column * cell_w + MARGIN_L
-        draw.text((x0, 8), stats["label"], fill="black", font=medium)
+    fig, axes = figure((PANEL_W * len(runs), PANEL_H * len(ROWS) + 40), rows=len(ROWS), columns=len(runs),
+                       sharex=True, sharey="row")
     for row, (key, title, log) in enumerate(ROWS):
-        low, high = _row_range(runs, key, log)
-        y_axis = Axis(low, high, log)
         for column, stats in enumerate(runs):
-            left = column * cell_w + MARGIN_L
-            top = title_h + row * cell_h + MARGIN_T
-            right, bottom = left + PANEL_W, top + PANEL_H
-            to_px = lambda x, y: (left + x_axis.fraction(x) * PANEL_W, bottom - y_axis.fraction(y) * PANEL_H)
-            draw.text((left, top - 18), title + ("  (log)" if log else ""), fill="black", font=small)
-            for tick in y_axis.ticks():
-                if not 0 <= y_axis.fraction(tick) <= 1:
-                    continue
-                y = to_px(x_axis.low, tick)[1]
-                draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-                draw.text((left - 6, y), tick_label(tick), fill="black", font=small, anchor="rm")
-            for tick in nice_ticks(x_axis.low, x_axis.high):
-                if not 0 <= x_axis.fraction(tick) <= 1 or tick != int(tick):
-                    continue
-                x = to_px(tick, low)[0]
-                draw.line([(x, bottom), (x, bottom + 4)], fill="black")
-                draw.text((x, bottom + 6), str(int(tick)), fill="black", font=small, anchor="mt")
-            if not log and y_axis.low < 0 < y_axis.high:
-                y = to_px(x_axis.low, 0.0)[1]
-                draw.line([(left, y), (right, y)], fill=(150, 150, 150))
-            draw.rectangle([left, top, right, bottom], outline="black")
+            ax = axes[row, column]
             for group, points in series(stats, key).items():
-                pixels = [to_px(x, y) for x, y in points if not log or y > 0]
-                if len(pixels) > 1:
-                    draw.line(pixels, fill=colors[group], width=2)
-                for x, y in pixels:
-                    draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colors[group])
+                points = [(x, y) for x, y in points if not log or y > 0]
+                ax.plot([x for x, _ in points], [y for _, y in points], color=colour(groups.index(group)),
+                        linewidth=1.8, marker="o", markersize=4, label=group)
+            if log:
+                ax.set_yscale("log")
+            elif key == "cos_mean":
+                ax.axhline(0.0, color="0.6", linewidth=0.8)
+            ax.set_title((f"{stats['label']}\n" if row == 0 else "") + title + ("  (log)" if log else ""),
+                         fontsize=9)
+            ax.grid(alpha=0.3)
             if row == len(ROWS) - 1:
-                draw.text(((left + right) / 2, bottom + 20), "optimizer step (window end)", fill="black",
-                          font=small, anchor="mt")
-    x = MARGIN_L
-    y = height - legend_h + 8
-    for group in groups:
-        draw.line([(x, y + 6), (x + 22, y + 6)], fill=colors[group], width=3)
-        draw.text((x + 28, y), group, fill="black", font=small)
-        x += 40 + int(draw.textlength(group, font=small))
-    return save_png(image, out)
+                ax.set_xlabel("optimizer step (window end)", fontsize=8)
+    handles = [Line2D([], [], color=colour(i), linewidth=3) for i in range(len(groups))]
+    fig.legend(handles, groups, loc="outside lower center", ncol=len(groups), fontsize=8, frameon=False)
+    return save_png(to_image(fig), out)

@@ -1,7 +1,8 @@
 """``python -m llava_dsl.study``: single layer vs naive multi-layer vs Detached Skip-Links, over seeds, measured
 per claim of the paper (gradient interference, accuracy and stability, R-Probe). See docs/study.md.
 
-    python -m llava_dsl.study [run] [--scale 4] [--seeds 0,1,2] [--output_dir study_output] [--device cpu]
+    python -m llava_dsl.study [run] [--scale 4] [--seeds 0,...,7] [--output_dir study_output] [--device cpu]
+    python -m llava_dsl.study --quick --output_dir study_quick   the whole pipeline, small (2 seeds, scale 1)
     python -m llava_dsl.study search [--output_dir ...]     the regime search (gradient statistics only)
     python -m llava_dsl.study report [--output_dir ...]     tables, JSON and figures from what has finished
 
@@ -20,7 +21,9 @@ from dataclasses import replace
 from typing import Dict, Optional, Sequence
 
 from llava_dsl.checkpointing.atomic import atomic_write_text
-from llava_dsl.study.plan import DEFAULT_SCALE, DEFAULT_SEEDS, Plan, PlanError, make_plan, parse_seeds
+from llava_dsl.demo.stage_flags import claim_output_dir
+from llava_dsl.study.plan import DEFAULT_SCALE, DEFAULT_SEEDS, FULL_SEEDS, QUICK, Plan, PlanError, make_plan, \
+    parse_seeds
 from llava_dsl.study.runner import MARKER, StudyError, Units, run_seed, say
 
 
@@ -42,19 +45,21 @@ def build_paths(output_dir: str, plan: Plan, assets_root: Optional[str], overrid
     data = build_data(os.path.join(output_dir, "data", f"digits-{plan.image_size}px"),
                       OcrDataConfig(seed=plan.data_seed, image_size=plan.image_size, num_pretrain=plan.num_pretrain,
                                     num_finetune=plan.num_finetune, num_heldout=plan.num_heldout,
-                                    num_textvqa=plan.eval_questions, num_ocrbench=8, content="digits",
+                                    num_textvqa=8, num_ocrbench=8, content="digits",
                                     min_digits=plan.min_digits, max_digits=plan.max_digits))
     return {**models, **data}
 
 
-def check_output_dir(output_dir: str, plan: Plan) -> None:
-    """A new folder gets the marker and plan.json; an old one must hold the same plan (else refused)."""
-    marker, plan_file = os.path.join(output_dir, MARKER), os.path.join(output_dir, "plan.json")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(marker):
-        raise StudyError(f"--output_dir {output_dir} is not empty and was not written by the study; choose a new "
-                         f"or empty folder")
-    os.makedirs(output_dir, exist_ok=True)
-    atomic_write_text(marker, "written by python -m llava_dsl.study; rerunning the same command continues it\n")
+def claim(output_dir: str) -> None:
+    claim_output_dir(output_dir, MARKER, "the study",
+                     "python -m llava_dsl.study; rerunning the same command continues it", StudyError)
+
+
+def check_output_dir(output_dir: str, plan: Plan) -> Plan:
+    """A new folder gets the marker and plan.json; an old one must hold the same plan (else refused). Returns
+    the plan with every seed the folder's study has (seeds may be added to a finished study)."""
+    plan_file = os.path.join(output_dir, "plan.json")
+    claim(output_dir)
     wanted = plan.to_json()
     if os.path.isfile(plan_file):
         with open(plan_file, encoding="utf-8") as f:
@@ -68,6 +73,7 @@ def check_output_dir(output_dir: str, plan: Plan) -> None:
                              f"use a new --output_dir to run this one")
         wanted["seeds"] = sorted(set(recorded["seeds"]) | set(wanted["seeds"]))
     atomic_write_text(plan_file, json.dumps(wanted, indent=1))
+    return replace(plan, seeds=tuple(wanted["seeds"]))
 
 
 def load_paths(output_dir: str, plan: Plan, assets_root, override) -> Dict:
@@ -86,9 +92,10 @@ def load_paths(output_dir: str, plan: Plan, assets_root, override) -> Dict:
 
 def run_study(output_dir: str, plan: Plan, jobs: int, assets_root, override) -> None:
     started = time.time()
-    check_output_dir(output_dir, plan)
+    wanted = plan.seeds
+    plan = check_output_dir(output_dir, plan)
     paths = load_paths(output_dir, plan, assets_root, override)
-    say(f"plan: {plan.to_json()}")
+    say(f"plan: {plan.to_json()}; running seeds {list(wanted)}")
     units = Units(output_dir, plan.device)
     errors = []
     report_lock = threading.Lock()
@@ -108,7 +115,7 @@ def run_study(output_dir: str, plan: Plan, jobs: int, assets_root, override) -> 
                 say(f"partial report after seed {seed} failed: {error!r}")
 
     # seeds are independent chains; `jobs` of them run side by side (each unit is one single-threaded process)
-    lanes = [list(plan.seeds[i::jobs]) for i in range(min(jobs, len(plan.seeds)))]
+    lanes = [list(wanted[i::jobs]) for i in range(min(jobs, len(wanted)))]
     threads = [threading.Thread(target=worker, args=(lane,)) for lane in lanes]
     for thread in threads:
         thread.start()
@@ -139,12 +146,15 @@ def write_report(output_dir: str, quiet: bool = False) -> Dict:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llava_dsl.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="?", choices=("run", "search", "report"), default="run")
-    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
-                        help="multiply steps, probe steps and eval questions (default %(default)s: 480 joint steps, "
-                             "about 30 min on 2 CPU cores with --jobs 3; 1: 7 min, the models do not read yet)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                        help="comma-separated seeds (default %(default)s); each sets data order and initial weights "
-                             "for all arms alike")
+    parser.add_argument("--scale", type=float, default=None,
+                        help=f"multiply steps, probe steps and held-out questions (default {DEFAULT_SCALE:g}: 480 "
+                             f"joint steps, 1,000 questions per seed)")
+    parser.add_argument("--seeds", default=None,
+                        help=f"comma-separated seeds (default {','.join(map(str, DEFAULT_SEEDS))}); each sets data "
+                             f"order, projector and LM initial weights and the held-out sample, for all arms alike")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the whole pipeline small: scale {QUICK['scale']:g}, seeds "
+                             f"{','.join(map(str, QUICK['seeds']))} (minutes; its models do not read yet)")
     parser.add_argument("--output_dir", "--output-dir", default="study_output")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (default 1)")
@@ -158,7 +168,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise PlanError(f"--jobs {args.jobs}: expected a positive integer")
         if bool(args.vision_tower) != bool(args.llm):
             raise PlanError("--vision_tower and --llm: give both or neither")
-        plan = make_plan(args.scale, parse_seeds(args.seeds), args.device)
+        base = QUICK if args.quick else {"scale": DEFAULT_SCALE, "seeds": DEFAULT_SEEDS, "full_seeds": FULL_SEEDS}
+        plan = make_plan(base["scale"] if args.scale is None else args.scale,
+                         base["seeds"] if args.seeds is None else parse_seeds(args.seeds), args.device,
+                         full_seeds=base["full_seeds"])
         output_dir = os.path.abspath(args.output_dir)
         override = {"vision_tower": args.vision_tower, "llm": args.llm}
         if args.command == "run":
@@ -170,13 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             from llava_dsl.study.search import run_search
 
-            if os.path.isdir(output_dir) and os.listdir(output_dir) and \
-                    not os.path.isfile(os.path.join(output_dir, MARKER)):
-                raise StudyError(f"--output_dir {output_dir} is not empty and was not written by the study; "
-                                 f"choose a new or empty folder")
-            os.makedirs(output_dir, exist_ok=True)
-            atomic_write_text(os.path.join(output_dir, MARKER),
-                              "written by python -m llava_dsl.study; rerunning the same command continues it\n")
+            claim(output_dir)
 
             def paths_for(candidate: Plan) -> Dict:
                 folder = os.path.join(output_dir, "search", candidate.tower_variant)

@@ -1,11 +1,13 @@
 """Reads what the units wrote (trainer states, ``dsl_grad_stats.json``, scored answers, R-Probe reports) into
-per-seed numbers, summaries and paired differences, and states a verdict per claim by rules fixed in advance.
+per-seed numbers, summaries and paired differences, and applies the analysis declared before the runs.
 
-Verdict rule for a paired metric (detached - naive, one difference per seed): "reproduces in direction" when the
-95 % bootstrap CI of the mean difference excludes 0 on the paper's side, "does not" when it excludes 0 on the
-other side, "inconclusive" otherwise (the direction of the mean is still stated). For the gradient statistics,
-whose claim is about one model rather than a difference: "reproduces in direction" when every seed is on the
-paper's side, "does not" when every seed is on the other side, "inconclusive" when the seeds disagree.
+Primary endpoint: held-out exact match, detached - naive, paired by seed. "reproduces" when the paired t over
+seeds and the Cochran-Mantel-Haenszel test on per-question outcomes stratified by seed both reject at alpha 0.05
+(two-sided) with detached better, "contradicts" when both reject with detached worse, "inconclusive" otherwise,
+always with the t-interval and the smallest effect the run could have detected at 80 % power. Secondary metrics
+(character accuracy, final loss, spikes, tower gradient norm, R-Probe): a paired t each, Holm-corrected over the
+secondary family, labelled secondary; they decide no claim. Gradient statistics describe one model, not a
+difference: they are described (on the paper's side in k of n seeds), never judged.
 """
 from __future__ import annotations
 
@@ -21,9 +23,8 @@ from llava_dsl.study.runner import fixed_dir, stage_dir
 
 GRAD_KEYS = ("trcov_ratio", "cos_mean", "snr_main", "snr_full", "trcov_main", "trcov_skip", "norm_main", "norm_skip")
 
-# cos(g_main, g_skip) counts as "about 0" (the paper's orthogonality) below this, as clearly not above COS_FAR
+# cos(g_main, g_skip) counts as "about 0" (the paper's orthogonality) below this
 COS_NEAR_ZERO = 0.2
-COS_FAR = 0.5
 
 
 def _load(path: str) -> Optional[Dict]:
@@ -55,23 +56,35 @@ def char_accuracy(predicted: str, truth: str) -> float:
     return hits / max(len(truth), len(predicted))
 
 
+def _scored_rows(scored_file: str) -> List[Dict]:
+    with open(scored_file, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for row in rows:
+        row["truth"] = normalise_answer(row["ground_truth"][0] if isinstance(row["ground_truth"], list)
+                                        else row["ground_truth"])
+        row["answer"] = normalise_answer(row["prediction"])
+    return rows
+
+
+def question_outcomes(scored_file: str) -> Optional[Dict[str, bool]]:
+    """Question id -> exact match, from one arm's scored.jsonl (the primary test's per-question outcomes)."""
+    if not os.path.isfile(scored_file):
+        return None
+    return {str(row["question_id"]): row["answer"] == row["truth"] for row in _scored_rows(scored_file)}
+
+
 def answer_scores(scored_file: str) -> Optional[Dict]:
     if not os.path.isfile(scored_file):
         return None
-    with open(scored_file, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    exact, chars, examples = 0, 0.0, []
-    for row in rows:
-        truth = normalise_answer(row["ground_truth"][0] if isinstance(row["ground_truth"], list)
-                                 else row["ground_truth"])
-        predicted = normalise_answer(row["prediction"])
-        exact += predicted == truth
-        chars += char_accuracy(predicted, truth)
-        if len(examples) < 6:
-            examples.append({"prediction": row["prediction"], "truth": truth})
+    rows = _scored_rows(scored_file)
+    exact = sum(row["answer"] == row["truth"] for row in rows)
+    chars = sum(char_accuracy(row["answer"], row["truth"]) for row in rows)
     n = len(rows)
-    return {"exact_match": 100.0 * exact / n, "char_accuracy": 100.0 * chars / n, "n": n,
-            "distinct_answers": len({normalise_answer(r["prediction"]) for r in rows}), "examples": examples}
+    low, high = stats.wilson(exact, n)
+    return {"exact_match": 100.0 * exact / n, "exact_match_wilson95": [100.0 * low, 100.0 * high],
+            "char_accuracy": 100.0 * chars / n, "n": n, "scored_file": scored_file,
+            "distinct_answers": len({row["answer"] for row in rows}),
+            "examples": [{"prediction": row["prediction"], "truth": row["truth"]} for row in rows[:6]]}
 
 
 def tower_grad_norms(grad: Dict) -> List[float]:
@@ -192,6 +205,10 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
                              "final_psnr": result["final"]["psnr"],
                              "history": [{"step": h["step"], "mse": h["mse"]} for h in result["history"]]}
         arms[projector] = row
+    outcomes = [arms[p]["answers"] and question_outcomes(arms[p]["answers"]["scored_file"])
+                for p in ("mlp_multilayer", "detached_mlp_multilayer")]
+    # the primary test's data: b questions only naive read, c only detached read, on the seed's held-out sample
+    discordant = stats.discordant_counts(*outcomes, where=f"seed {seed}") if all(outcomes) else None
     fixed = {}
     for point in plan.fixed_theta_points:
         for projector in (("mlp_multilayer",) if point == "start" else ("mlp_multilayer", "detached_mlp_multilayer")):
@@ -207,7 +224,8 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
                 if point == "mid":
                     source = os.path.join(source, f"checkpoint-{plan.mid_step}")
             fixed[key]["theta_check"] = weights_unchanged(source, fixed_dir(output_dir, seed, point, projector))
-    out = {"seed": seed, "arms": arms, "fixed_theta": fixed}
+    out = {"seed": seed, "arms": arms, "fixed_theta": fixed,
+           "discordant_naive_detached": None if discordant is None else {"b": discordant[0], "c": discordant[1]}}
     if probe is not None:
         out["rprobe"] = {"threshold": probe["threshold"]["mse"], "trivial_mse": probe["trivial"]["mse"],
                          "threshold_source": probe["threshold"].get("source")}
@@ -223,8 +241,11 @@ def _value(seed_row: Dict, projector: str, path: Sequence[str]):
     return node
 
 
+PRIMARY = "exact_match"
+
 METRICS = {
-    # name: (path in an arm's row, the paper's better direction: -1 lower is better, +1 higher is better)
+    # name: (path in an arm's row, the paper's better direction: -1 lower is better, +1 higher is better);
+    # every one but PRIMARY is secondary
     "exact_match": (("answers", "exact_match"), +1),
     "char_accuracy": (("answers", "char_accuracy"), +1),
     "final_loss": (("final_loss",), -1),
@@ -236,26 +257,17 @@ METRICS = {
 }
 
 
-def verdict_paired(ci: Optional[Dict], better: int) -> str:
-    if ci is None:
-        return "inconclusive (no data)"
-    side = "detached better" if ci["mean"] * better > 0 else ("no difference" if ci["mean"] == 0
-                                                               else "detached worse")
-    if ci["low"] > 0 or ci["high"] < 0:
-        return "reproduces in direction" if ci["mean"] * better > 0 else f"does not ({side})"
-    return f"inconclusive (CI includes 0; mean: {side})"
-
-
-def verdict_all(values: Sequence[Optional[float]], paper_side) -> str:
+def describe_sides(values: Sequence[Optional[float]], paper_side) -> str:
     present = [v for v in values if v is not None]
-    if not present:
-        return "inconclusive (no data)"
-    on_side = [paper_side(v) for v in present]
-    if all(on_side):
-        return f"reproduces in direction ({len(present)} of {len(present)} seeds)"
-    if not any(on_side):
-        return f"does not (0 of {len(present)} seeds)"
-    return f"inconclusive ({sum(on_side)} of {len(present)} seeds)"
+    return f"paper's side in {sum(1 for v in present if paper_side(v))} of {len(present)} seeds"
+
+
+def secondary_reading(result: Dict, better: int, adjusted_p: Optional[float]) -> str:
+    if adjusted_p is None or result.get("mean") is None:
+        return "no data"
+    if adjusted_p >= stats.ALPHA:
+        return "no difference shown"
+    return "detached better" if result["mean"] * better > 0 else "detached worse"
 
 
 def summarise(seeds: List[Dict], plan: Plan) -> Dict:
@@ -278,17 +290,31 @@ def summarise(seeds: List[Dict], plan: Plan) -> Dict:
         else:
             naive = [_value(s, "mlp_multilayer", path) for s in seeds]
             detached = [_value(s, "detached_mlp_multilayer", path) for s in seeds]
-        result = stats.paired(naive, detached)
+        result = stats.paired_t([None if a is None or b is None else b - a for a, b in zip(naive, detached)])
         result["better"] = "higher" if better > 0 else "lower"
-        result["verdict"] = verdict_paired(result["ci"], better)
         paired[name] = result
-    secondary = {}
+    strata = [(s["discordant_naive_detached"]["b"], s["discordant_naive_detached"]["c"]) for s in seeds
+              if s.get("discordant_naive_detached")]
+    cmh = stats.cmh_paired(strata) if strata else None
+    primary = {**paired[PRIMARY], "cmh": cmh, "verdict": stats.primary_verdict(paired[PRIMARY], cmh),
+               "alpha": stats.ALPHA}
+    adjusted = stats.holm({name: r["p"] for name, r in paired.items() if name != PRIMARY})
+    for name, result in paired.items():
+        if name != PRIMARY:
+            result["p_holm"] = adjusted[name]
+            result["reading"] = "secondary: " + secondary_reading(result, METRICS[name][1], adjusted[name])
+    against_single = {}
     for name in ("exact_match", "char_accuracy"):
         path = METRICS[name][0]
         single = [_value(s, "mlp2x_gelu", path) for s in seeds]
         for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
-            secondary[f"{name}: {SHORT[projector]} - single"] = stats.paired(
-                single, [_value(s, projector, path) for s in seeds])
+            other = [_value(s, projector, path) for s in seeds]
+            # only the seeds the single layer ran on (plan.single_seeds)
+            against_single[f"{name}: {SHORT[projector]} - single"] = stats.paired_t(
+                [b - a for a, b in zip(single, other) if a is not None and b is not None])
+    adjusted = stats.holm({k: r["p"] for k, r in against_single.items()})
+    for name, result in against_single.items():
+        result["p_holm"] = adjusted[name]
 
     # claim (a), at fixed theta, on the shallowest block group and on every group a tap reaches
     gradient = {}
@@ -305,13 +331,11 @@ def summarise(seeds: List[Dict], plan: Plan) -> Dict:
             entry["groups"][group] = {
                 **{k: stats.summary(v) for k, v in values.items()},
                 "snr_gain_without_skip": stats.summary(snr_gain),
-                "verdict_ratio_above_1": verdict_all(values["trcov_ratio"], lambda v: v > 1),
-                "verdict_cos_near_0": verdict_all(values["cos_mean"], lambda v: abs(v) < COS_NEAR_ZERO)
-                if not all(v is not None and abs(v) > COS_FAR for v in values["cos_mean"]) else
-                f"does not (|cos| > {COS_FAR} in every seed)",
-                "verdict_snr_rises_without_skip": verdict_all(snr_gain, lambda v: v > 0),
+                "ratio_above_1": describe_sides(values["trcov_ratio"], lambda v: v > 1),
+                "cos_near_0": describe_sides(values["cos_mean"], lambda v: abs(v) < COS_NEAR_ZERO),
+                "snr_rises_without_skip": describe_sides(snr_gain, lambda v: v > 0),
             }
         entry["theta_checks"] = [None if r is None else r.get("theta_check") for r in rows]
         gradient[key] = entry
-    return {"per_arm": per_arm, "paired_detached_minus_naive": paired, "paired_vs_single": secondary,
-            "fixed_theta": gradient}
+    return {"primary": primary, "per_arm": per_arm, "paired_detached_minus_naive": paired,
+            "paired_vs_single": against_single, "fixed_theta": gradient}

@@ -2,14 +2,20 @@
 
 The regime (tower variant, taps, detach depth, tower learning rate) is the one the regime search chose from the
 gradient statistics of short naive runs (``python -m llava_dsl.study search``, docs/study.md); it is a constant
-here, not a flag per arm. Every arm gets the same plan; the seed sets the data order and the stage-1 projector's
-initial weights, and the naive and detached arms share the stage-1 adapter (stage 1 trains only the projector
-over a frozen tower, where the two are the same computation), so they start stage 2 from identical weights.
+here, not a flag per arm. Every arm gets the same plan. A seed changes every random part that differs between
+two runs of the method: the data order, the projector's and the LM's initial weights, and the held-out sample;
+the tower is fixed and named. The naive and detached arms share the stage-1 adapter (stage 1 trains only the
+projector over a frozen tower, where the two are the same computation), so they start stage 2 from identical
+weights.
+
+The default size comes from a power calculation on the 3-seed run (docs/study.md, "Pre-declared analysis"):
+8 paired seeds x 1,000 held-out questions detect +-3 points of exact match at 80 % power as long as the
+seed-to-seed spread of the true difference is at most 2 points.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, Tuple
 
 ARMS = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
@@ -24,14 +30,20 @@ SHORT = {"mlp2x_gelu": "single", "mlp_multilayer": "naive", "detached_mlp_multil
 # detached, and the tower learning rate the search settled on.
 REGIME = {"tower_variant": "dense", "skip_layers": "1,2,3,4", "detach_depth": 3, "tower_lr": 1e-3}
 
-DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_SEEDS = tuple(range(8))
 
-# The default --scale: 480 joint steps, where every arm reads (scale 1 stays on the loss plateau); about half an
-# hour on 2 idle CPU cores with the three seeds side by side (docs/study.md has the times).
+# The first FULL_SEEDS seeds of a plan also run the single layer, the fixed-theta middle and end points and
+# R-Probe; every seed runs the head-to-head (naive, detached), the fixed-theta start and the answers.
+FULL_SEEDS = 3
+
+# The default --scale: 480 joint steps, where every arm reads (scale 1 stays on the loss plateau).
 DEFAULT_SCALE = 4.0
 
-# Steps and data at --scale 1, a 7-minute run on 2 idle CPU cores whose models have not learned to read yet.
-BASE = {"stage1_steps": 30, "stage2_steps": 120, "fixed_theta_steps": 16, "probe_steps": 80, "eval_questions": 48}
+# --quick: the whole pipeline on 2 seeds at scale 1 (its models have not learned to read yet), minutes on 2 cores.
+QUICK = {"scale": 1.0, "seeds": (0, 1), "full_seeds": 1}
+
+# Steps and data at --scale 1; held-out questions per seed are 250 x scale (1,000 at the default).
+BASE = {"stage1_steps": 30, "stage2_steps": 120, "fixed_theta_steps": 16, "probe_steps": 80, "eval_questions": 250}
 
 
 class PlanError(ValueError):
@@ -69,7 +81,8 @@ class Plan:
     probe_eval_every: int = 10
     probe_lr: float = 1e-3
     probe_threshold_fraction: float = 0.5
-    eval_questions: int = 100
+    eval_questions: int = 100   # per seed, a sample of its own (eval_data_seed)
+    full_seeds: int = FULL_SEEDS
     max_new_tokens: int = 8
     num_heldout: int = 64
     image_size: int = 64
@@ -89,6 +102,15 @@ class Plan:
     def mid_step(self) -> int:
         return max(1, self.stage2_steps // 2)
 
+    def is_full(self, seed: int) -> bool:
+        """Whether ``seed`` also runs the single layer, the later fixed-theta points and R-Probe."""
+        return seed in sorted(self.seeds)[:self.full_seeds]
+
+    @staticmethod
+    def eval_data_seed(seed: int) -> int:
+        """The held-out sample of a seed: rendered with its own stream (the training data keep data_seed)."""
+        return 1000 + seed
+
     def to_json(self) -> Dict:
         return {**asdict(self), "seeds": list(self.seeds), "fixed_theta_points": list(self.fixed_theta_points),
                 "num_pretrain": self.num_pretrain, "num_finetune": self.num_finetune, "mid_step": self.mid_step}
@@ -105,7 +127,7 @@ def parse_seeds(text: str) -> Tuple[int, ...]:
 
 
 def make_plan(scale: float = DEFAULT_SCALE, seeds: Tuple[int, ...] = DEFAULT_SEEDS, device: str = "cpu",
-              regime: Dict = None) -> Plan:
+              regime: Dict = None, full_seeds: int = FULL_SEEDS) -> Plan:
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise PlanError(f"--scale {scale!r}: expected a positive number (1 = the CPU default)")
     if device not in ("cpu", "cuda"):
@@ -113,7 +135,7 @@ def make_plan(scale: float = DEFAULT_SCALE, seeds: Tuple[int, ...] = DEFAULT_SEE
     regime = dict(REGIME if regime is None else regime)
     stage2 = max(4, round(BASE["stage2_steps"] * scale))
     dense = max(2, min(stage2 // 3, round(40 * scale)))
-    return Plan(scale=float(scale), seeds=tuple(seeds), device=device, **regime,
+    return Plan(scale=float(scale), seeds=tuple(seeds), device=device, **regime, full_seeds=full_seeds,
                 stage1_steps=max(2, round(BASE["stage1_steps"] * scale)), stage2_steps=stage2,
                 grad_dense_steps=dense, grad_every=4, grad_window=10 if stage2 >= 40 else 2,
                 fixed_theta_steps=max(2, round(BASE["fixed_theta_steps"] * min(scale, 4))),
@@ -121,5 +143,5 @@ def make_plan(scale: float = DEFAULT_SCALE, seeds: Tuple[int, ...] = DEFAULT_SEE
                 fixed_theta_points=("start", "mid", "end") if scale >= 2 else ("start", "end"),
                 probe_steps=max(2, round(BASE["probe_steps"] * scale)),
                 probe_eval_every=max(1, round(10 * min(scale, 4))),
-                eval_questions=max(8, min(1000, round(BASE["eval_questions"] * scale))),
+                eval_questions=max(8, min(2000, round(BASE["eval_questions"] * scale))),
                 num_heldout=64 if scale <= 2 else 128)

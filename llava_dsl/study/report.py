@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-from typing import Dict, List, Optional
+from typing import Dict
 
 from llava_dsl.checkpointing.atomic import atomic_write_text
-from llava_dsl.plots import plot_curves, save_png
+from llava_dsl.plots import interval_plot, plot_curves, save_png
 from llava_dsl.study import stats
-from llava_dsl.study.analysis import GRAD_KEYS, METRICS, collect_seed, summarise
-from llava_dsl.study.plan import ARMS, LABELS, SHORT, Plan
+from llava_dsl.study.analysis import METRICS, collect_seed, summarise
+from llava_dsl.study.plan import ARMS, SHORT, Plan
 
 
 def _plan(output_dir: str) -> Plan:
@@ -37,11 +37,35 @@ def _ms(summary: Dict, digits: int = 3) -> str:
     return f"{_fmt(summary['mean'], digits)} ± {_fmt(summary['std'], 2)}"
 
 
-def _ci(result: Dict, digits: int = 3) -> str:
-    ci = result.get("ci")
-    if ci is None:
+def _interval(result: Dict, digits: int = 3) -> str:
+    if result.get("ci") is None:
         return "–"
-    return f"{_fmt(ci['mean'], digits)} [{_fmt(ci['low'], digits)}, {_fmt(ci['high'], digits)}]"
+    return f"[{_fmt(result['ci'][0], digits)}, {_fmt(result['ci'][1], digits)}]"
+
+
+def _ci(result: Dict, digits: int = 3) -> str:
+    return "–" if result.get("ci") is None else f"{_fmt(result['mean'], digits)} {_interval(result, digits)}"
+
+
+def _p(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def primary_text(primary: Dict) -> str:
+    """The pre-declared primary analysis in a few lines (docs/study.md quotes it)."""
+    cmh = primary.get("cmh")
+    lines = [f"**Primary (pre-declared): held-out exact match, detached − naive, paired by seed: "
+             f"{primary['verdict']}.**", "",
+             f"- per-seed differences (points): {', '.join(_fmt(d) for d in primary['differences'])}",
+             f"- paired t over {primary['n']} seeds: mean {_fmt(primary['mean'])}, 95 % t-interval "
+             f"{_interval(primary)}, t = {_fmt(primary['t'])}, df = {primary['df']}, p = {_p(primary['p'])}",
+             f"- smallest effect this run could detect at 80 % power: ±{_fmt(primary['detectable'])} points"]
+    if cmh is not None:
+        seeds = ", ".join(f"{s['b']}/{s['c']} (p = {s['p']:.3g})" for s in cmh["per_stratum"])
+        lines.append(f"- Cochran–Mantel–Haenszel over seeds (questions only naive / only detached read): "
+                     f"{cmh['b']}/{cmh['c']}, χ² = {_fmt(cmh['statistic'])}, p = {_p(cmh['p'])}; "
+                     f"McNemar per seed: {seeds}")
+    return "\n".join(lines) + "\n"
 
 
 NAMES = {"exact_match": "held-out exact match %", "char_accuracy": "held-out character accuracy %",
@@ -65,21 +89,23 @@ def tables(result: Dict) -> str:
             lines.append(f"| {NAMES[name]} | {SHORT[projector]} | " + " | ".join(_fmt(v) for v in values)
                          + f" | {_ms(summary['per_arm'][projector][name])} |")
     lines.append("\n### Paired: detached − naive (same seed)\n")
-    lines += ["| metric | better | per-seed differences | mean [95 % bootstrap CI] | sign test (+/−/0, p) | verdict |",
-              "|---|---|---|---|---|---|"]
+    lines.append(primary_text(summary["primary"]))
+    lines += ["| metric | role | better | per-seed differences | mean [95 % t-interval] | p | p (Holm) | "
+              "detectable at 80 % | reading |", "|---|---|---|---|---|---|---|---|---|"]
     for name, paired in summary["paired_detached_minus_naive"].items():
-        st = paired["sign_test"]
-        lines.append(f"| {NAMES[name]} | {paired['better']} | {', '.join(_fmt(d) for d in paired['differences'])} | "
-                     f"{_ci(paired)} | {st['positive']}/{st['negative']}/{st['ties']}, p = {st['p']:.3g} | "
-                     f"{paired['verdict']} |")
-    lines.append("\n### Paired against the single-layer projector (same seed)\n")
-    lines += ["| difference | per-seed | mean [95 % bootstrap CI] | sign test p |", "|---|---|---|---|"]
+        primary = name == "exact_match"
+        lines.append(f"| {NAMES[name]} | {'primary' if primary else 'secondary'} | {paired['better']} | "
+                     f"{', '.join(_fmt(d) for d in paired['differences'])} | {_ci(paired)} | {_p(paired['p'])} | "
+                     f"{'–' if primary else _p(paired['p_holm'])} | {_fmt(paired['detectable'])} | "
+                     f"{summary['primary']['verdict'] if primary else paired['reading']} |")
+    lines.append("\n### Paired against the single-layer projector (same seed; described, Holm over these four)\n")
+    lines += ["| difference | per-seed | mean [95 % t-interval] | p | p (Holm) |", "|---|---|---|---|---|"]
     for name, paired in summary["paired_vs_single"].items():
         lines.append(f"| {name} | {', '.join(_fmt(d) for d in paired['differences'])} | {_ci(paired)} | "
-                     f"{paired['sign_test']['p']:.3g} |")
+                     f"{_p(paired['p'])} | {_p(paired['p_holm'])} |")
     lines.append("\n### Gradient interference at fixed θ (learning rate 0, one window over every minibatch)\n")
     lines += ["| θ | group | tr(Cov) skip / main | cos(g_main, g_skip) | SNR main | SNR main+skip | "
-              "SNR gain without skip | per-seed ratio | verdicts: ratio > 1 / cos ≈ 0 / SNR rises |",
+              "SNR gain without skip | per-seed ratio | described: ratio > 1 / |cos| < 0.2 / SNR rises |",
               "|---|---|---|---|---|---|---|---|---|"]
     for point, entry in summary["fixed_theta"].items():
         for group, row in entry["groups"].items():
@@ -88,8 +114,7 @@ def tables(result: Dict) -> str:
                          f"{_ms(row['snr_main'], 2)} | {_ms(row['snr_full'], 2)} | "
                          f"{_ms(row['snr_gain_without_skip'], 2)} | "
                          f"{', '.join(_fmt(v) for v in row['trcov_ratio']['values'])} | "
-                         f"{row['verdict_ratio_above_1']} / {row['verdict_cos_near_0']} / "
-                         f"{row['verdict_snr_rises_without_skip']} |")
+                         f"{row['ratio_above_1']} / {row['cos_near_0']} / {row['snr_rises_without_skip']} |")
     lines.append("\n### Gradient interference over training windows (shallowest group)\n")
     lines += ["| seed | arm | windows | tr(Cov) ratio: first → last (median) | cos: first → last | "
               "SNR main / SNR main+skip (median) |", "|---|---|---|---|---|---|"]
@@ -116,6 +141,16 @@ def figures(result: Dict, out_dir: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     seeds = result["seeds"]
+    # the paired differences with their t-intervals, the primary endpoint first (points of exact match)
+    paired = result["summary"]["paired_detached_minus_naive"]
+    rows = [(f"{NAMES[name]}{' (primary)' if name == 'exact_match' else ''}", paired[name]["mean"],
+             paired[name]["ci"]) for name in ("exact_match", "char_accuracy") if paired[name]["mean"] is not None]
+    rows += [(name.replace("_", " "), r["mean"], r["ci"]) for name, r in result["summary"]["paired_vs_single"].items()
+             if r["mean"] is not None]
+    if rows:
+        files["paired"] = save_png(interval_plot(rows, "Paired differences (same seed): mean and 95 % t-interval; "
+                                                       "detached − naive first", "points"),
+                                   os.path.join(out_dir, "study_paired.png"))
     # stage-2 loss, one line per arm and seed
     series = {}
     for s in seeds:
@@ -208,7 +243,7 @@ def write(output_dir: str, quiet: bool = False) -> Dict:
         "plan": plan.to_json(), "assets": assets,
         "rules": {"spike": {"window": stats.SPIKE_WINDOW, "robust_z": stats.SPIKE_ROBUST_Z,
                             "min_relative": stats.SPIKE_MIN_RELATIVE},
-                  "bootstrap": {"resamples": stats.BOOTSTRAP_RESAMPLES, "seed": stats.BOOTSTRAP_SEED, "level": 0.95},
+                  "alpha": stats.ALPHA, "power": stats.POWER,
                   "verdicts": __import__("llava_dsl.study.analysis", fromlist=["x"]).__doc__.split("\n\n")[1]},
         "seeds": seeds, "summary": summary, "units": units, "wall": wall,
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),

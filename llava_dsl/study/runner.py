@@ -135,21 +135,14 @@ def fixed_theta_flags(plan: Plan, paths: Dict[str, str], projector: str, output_
 
     ``model``: a stage-2 checkpoint (its config loads the trained tower and projector), or None for the
     stage-2 start (the LLM, the pretrained tower and the stage-1 ``adapter``)."""
-    values = {
-        "model_name_or_path": model or paths["llm"], "vision_tower": paths["vision_tower"], "version": "v1",
-        "data_path": paths["finetune"], "image_folder": paths["image_folder"], "mm_projector_type": projector,
-        "mm_vision_select_layer": -2, "mm_vision_skip_layers": plan.skip_layers,
-        "mm_vision_detach_depth": plan.detach_depth if projector.startswith("detached_") else None,
-        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "image_aspect_ratio": "pad",
-        "group_by_modality_length": False, "max_steps": plan.fixed_theta_steps,
-        "per_device_train_batch_size": plan.batch_size, "gradient_accumulation_steps": 1,
-        "learning_rate": 0.0, "weight_decay": 0.0, "lr_scheduler_type": "constant", "logging_steps": 1,
-        "save_strategy": "no", "model_max_length": 256, "bf16": False, "tf32": False,
-        "dataloader_num_workers": 0, "lazy_preprocess": True, "report_to": "none", "seed": seed,
-        "output_dir": output_dir, "pretrain_mm_mlp_adapter": adapter if model is None else None,
-        "unfreeze_mm_vision_tower": True, "mm_vision_tower_lr": 0.0,
-        "dsl_grad_stats_dense_steps": plan.fixed_theta_steps, "dsl_grad_stats_window": plan.fixed_theta_steps,
-    }
+    values = tiny_stage_flags(
+        llm=model or paths["llm"], vision_tower=paths["vision_tower"], data_path=paths["finetune"],
+        image_folder=paths["image_folder"], projector=projector, stage=2, steps=plan.fixed_theta_steps,
+        batch_size=plan.batch_size, learning_rate=0.0, seed=seed, output_dir=output_dir,
+        skip_layers=plan.skip_layers, detach_depth=plan.detach_depth, tower_lr=0.0,
+        adapter=adapter if model is None else None)
+    values.update(lr_scheduler_type="constant", warmup_ratio=None, save_strategy="no",
+                  dsl_grad_stats_dense_steps=plan.fixed_theta_steps, dsl_grad_stats_window=plan.fixed_theta_steps)
     return as_argv(values)
 
 
@@ -164,27 +157,69 @@ def fixed_dir(output_dir: str, seed: int, point: str, projector: str) -> str:
     return os.path.join(output_dir, "runs", f"seed{seed}", f"llava-fixed-{name}")
 
 
+def seed_parts(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> Dict[str, str]:
+    """The parts a seed changes: the LM's initial weights (the cached untrained LM re-initialised from the seed;
+    its tokenizer and config kept) and the held-out sample (rendered with ``plan.eval_data_seed(seed)``, strings
+    and font sizes the training split never contains). Built once, in the study's folder."""
+    from llava_dsl.assets.ocr_data import OcrDataConfig, build as build_data
+
+    out = os.path.join(units.output_dir, "parts", f"seed{seed}")
+    lm_dir = os.path.join(out, "lm")
+    if not os.path.isfile(os.path.join(lm_dir, "SEED")):
+        reseed_lm(paths["llm"], seed, lm_dir)
+    data = build_data(os.path.join(out, "heldout"),
+                      OcrDataConfig(seed=plan.eval_data_seed(seed), image_size=plan.image_size, num_pretrain=16,
+                                    num_finetune=16, num_heldout=16, num_textvqa=plan.eval_questions,
+                                    num_ocrbench=8, content="digits", min_digits=plan.min_digits,
+                                    max_digits=plan.max_digits))
+    return {**paths, "llm": lm_dir, "textvqa_dir": data["textvqa_dir"]}
+
+
+def reseed_lm(source: str, seed: int, out_dir: str) -> None:
+    """A copy of the LM folder ``source`` with fresh initial weights drawn from ``seed``: the study's arms start
+    from an untrained LM, so its initialisation is one of the random parts a seed changes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    staging = out_dir + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "BUILD.json"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    model.save_pretrained(staging, safe_serialization=True)
+    atomic_write_text(os.path.join(staging, "SEED"), f"initial weights of {source} redrawn with torch seed {seed}\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+
+
 def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None:
-    """Every unit of one seed, in order: stage 1, stage 2 per arm, fixed theta, answers, R-Probe."""
+    """Every unit of one seed, in order: stage 1, stage 2 per arm, fixed theta, answers, R-Probe. A seed
+    outside ``plan``'s full seeds runs the head-to-head only (naive and detached, the fixed-theta start)."""
     python = sys.executable
     out = units.output_dir
+    paths = seed_parts(units, plan, paths, seed)
+    full = plan.is_full(seed)
+    arms = ARMS if full else ("mlp_multilayer", "detached_mlp_multilayer")
     adapters = {}
     for kind, projector in (("single", "mlp2x_gelu"), ("multi", "mlp_multilayer")):
+        if projector not in arms and kind == "single":
+            continue
         folder = stage_dir(out, seed, projector, 1)
         units.run(f"seed{seed}-stage1-{kind}", [python, "-m", "llava_dsl.train"]
                   + train_flags(plan, paths, projector, 1, folder, seed), clear=[folder])
         adapters[kind] = os.path.join(folder, "mm_projector.bin")
         if not os.path.isfile(adapters[kind]):
             raise StudyError(f"{adapters[kind]}: stage 1 wrote no adapter; see {units.log_dir}")
-    for projector in ARMS:
+    for projector in arms:
         folder = stage_dir(out, seed, projector, 2)
         adapter = adapters["single" if projector == "mlp2x_gelu" else "multi"]
         # not cleared: a killed stage 2 resumes from its mid checkpoint
         units.run(f"seed{seed}-stage2-{SHORT[projector]}", [python, "-m", "llava_dsl.train"]
                   + train_flags(plan, paths, projector, 2, folder, seed, adapter))
-    for point in plan.fixed_theta_points:
-        arms = ("mlp_multilayer",) if point == "start" else ("mlp_multilayer", "detached_mlp_multilayer")
-        for projector in arms:
+    for point in plan.fixed_theta_points if full else ("start",):
+        multi = ("mlp_multilayer",) if point == "start" else ("mlp_multilayer", "detached_mlp_multilayer")
+        for projector in multi:
             if point == "start":
                 model, adapter = None, adapters["multi"]
             else:
@@ -195,12 +230,14 @@ def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None
             name = f"seed{seed}-fixed-{point}" + ("" if point == "start" else f"-{SHORT[projector]}")
             units.run(name, [python, "-m", "llava_dsl.train"]
                       + fixed_theta_flags(plan, paths, projector, folder, seed, model, adapter), clear=[folder])
-    for projector in ARMS:
+    for projector in arms:
         folder = os.path.join(out, "eval", f"seed{seed}", SHORT[projector])
         units.run(f"seed{seed}-eval-{SHORT[projector]}",
                   [python, "-m", "llava_dsl.evaluate", "textvqa", "--model-path", stage_dir(out, seed, projector, 2),
                    "--data-dir", paths["textvqa_dir"], "--output-dir", folder, "--device", plan.device,
                    "--dtype", "float32", "--max_new_tokens", str(plan.max_new_tokens), "--protocol", "plain"])
+    if not full:
+        return
     probe_dir = os.path.join(out, "rprobe", f"seed{seed}")
     units.run(f"seed{seed}-rprobe",
               [python, "-m", "llava_dsl.rprobe", "compare", "--checkpoints",

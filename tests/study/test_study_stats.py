@@ -7,42 +7,85 @@ import pytest
 from llava_dsl.study import stats
 
 
-def test_sign_test_exact_binomial():
-    # 5 of 5 positive: p = 2 * (1/2)^5
-    assert stats.sign_test([1, 2, 3, 4, 5])["p"] == pytest.approx(2 / 32)
-    # 3 positive, 1 negative: p = 2 * (C(4,0) + C(4,1)) / 16 = 10/16
-    result = stats.sign_test([0.1, 0.2, -0.3, 0.4])
-    assert (result["positive"], result["negative"]) == (3, 1)
-    assert result["p"] == pytest.approx(10 / 16)
-    # ties are dropped, balanced signs give p = 1, and p never exceeds 1
-    result = stats.sign_test([0.0, 1.0, -1.0])
-    assert result["ties"] == 1 and result["p"] == 1.0
-    assert stats.sign_test([0, 0])["p"] == 1.0
-    # 3 of 3 (the study's minimum seeds) can never reach p < 0.05: 2/8 = 0.25
-    assert stats.sign_test([1, 1, 1])["p"] == pytest.approx(0.25)
+def test_t_distribution_matches_textbook_tables():
+    # two-sided 95 % critical values (any t table) and the 80 % one used for power
+    for df, critical in ((1, 12.706), (2, 4.303), (7, 2.365), (10, 2.228), (30, 2.042)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(critical, abs=5e-4)
+        assert stats.t_two_sided_p(critical, df) == pytest.approx(0.05, abs=2e-4)
+    assert stats.t_quantile(0.80, 7) == pytest.approx(0.896, abs=5e-4)
+    assert stats.t_quantile(0.025, 7) == pytest.approx(-2.365, abs=5e-4)
+    # df = 1 is Cauchy: P(|T| >= 1) = 1/2 exactly; large df tends to the normal
+    assert stats.t_two_sided_p(1.0, 1) == pytest.approx(0.5, abs=1e-12)
+    assert stats.t_quantile(0.975, 1e6) == pytest.approx(1.95996, abs=1e-4)
+    assert stats.t_two_sided_p(0.0, 5) == pytest.approx(1.0)
 
 
-def test_bootstrap_ci_covers_the_mean_and_matches_a_direct_resample():
-    values = [0.5, 1.5, 2.0, -0.5, 1.0]
-    ci = stats.bootstrap_ci(values, resamples=4000, seed=3)
-    assert ci["low"] <= ci["mean"] <= ci["high"]
-    assert ci["mean"] == pytest.approx(sum(values) / len(values))
-    # the same percentile bootstrap written out independently
-    rng = random.Random(3)
-    means = sorted(sum(rng.choice(values) for _ in range(5)) / 5 for _ in range(4000))
-    assert ci["low"] == means[100] and ci["high"] == means[3899]
-    # the interval is within the range of the values and narrower than it
-    assert min(values) <= ci["low"] and ci["high"] <= max(values)
-    assert ci["high"] - ci["low"] < max(values) - min(values)
+def test_chi_square_binomial_and_wilson_match_known_values():
+    assert stats.chi2_1df_p(3.841459) == pytest.approx(0.05, abs=1e-6)
+    assert stats.chi2_1df_p(6.634897) == pytest.approx(0.01, abs=1e-6)
+    # exact McNemar: 1 vs 9 discordant pairs, p = 2 * (C(10,0) + C(10,1)) / 2^10
+    assert stats.mcnemar(1, 9)["p"] == pytest.approx(2 * 11 / 1024)
+    assert stats.binomial_two_sided_p(5, 10) == 1.0
+    # Wilson 95 % for 8 of 10 (Newcombe 1998, table I): 0.4902-0.9433
+    low, high = stats.wilson(8, 10)
+    assert (low, high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    assert stats.wilson(0, 20)[0] == 0.0
 
 
-def test_bootstrap_ci_of_a_constant_is_a_point_and_of_a_shift_excludes_zero():
-    ci = stats.bootstrap_ci([2.0, 2.0, 2.0])
-    assert ci["low"] == ci["high"] == 2.0
-    ci = stats.bootstrap_ci([1.0, 1.2, 0.9, 1.1, 1.05, 0.95])
-    assert ci["low"] > 0
-    with pytest.raises(ValueError, match="no values"):
-        stats.bootstrap_ci([])
+def test_paired_t_on_the_three_seed_run_gives_the_t_interval_not_the_range():
+    # the committed 3-seed run: detached - naive exact match -2.08, -6.25, -1.04 points
+    result = stats.paired_t([-2.0833, -6.25, -1.0417])
+    assert result["t"] == pytest.approx(-1.964, abs=1e-3) and result["df"] == 2
+    assert result["p"] == pytest.approx(0.1885, abs=1e-3)
+    # mean -3.125, sd 2.756: half-width 4.303 * 2.756 / sqrt(3) = 6.85; the bootstrap "CI" was [-6.25, -1.04]
+    assert result["ci"] == [pytest.approx(-9.971, abs=2e-3), pytest.approx(3.721, abs=2e-3)]
+    # smallest effect detectable at 80 % power: (4.303 + 1.061) * 2.756 / sqrt(3)
+    assert result["detectable"] == pytest.approx((4.3027 + 1.0607) * 2.7560 / 3 ** 0.5, rel=1e-3)
+    assert stats.paired_t([1.0, None, 2.0])["missing"] == 1
+    assert stats.paired_t([1.0])["p"] is None
+
+
+def test_cmh_over_seeds_pools_the_discordant_pairs():
+    # one stratum: the CMH statistic is McNemar's chi-square (c - b)^2 / (b + c)
+    one = stats.cmh_paired([(10, 20)])
+    assert one["statistic"] == pytest.approx(100 / 30) and one["p"] == pytest.approx(stats.chi2_1df_p(100 / 30))
+    # stratified: the differences add before squaring, so opposite seeds cancel
+    assert stats.cmh_paired([(10, 20), (20, 10)])["statistic"] == 0.0
+    both = stats.cmh_paired([(10, 20), (12, 22)])
+    assert both["statistic"] == pytest.approx(20 ** 2 / 64) and len(both["per_stratum"]) == 2
+    assert stats.discordant_counts({"a": True, "b": False, "c": True}, {"a": False, "b": True, "c": True},
+                                   "seed 0") == (1, 1)
+    with pytest.raises(ValueError, match="seed 3: the two arms answered different questions"):
+        stats.discordant_counts({"a": True}, {"b": True}, "seed 3")
+
+
+def test_primary_verdict_needs_both_tests():
+    significant_t = {"p": 0.01, "mean": 2.0}
+    assert stats.primary_verdict(significant_t, {"p": 0.001, "b": 10, "c": 40}) == "reproduces"
+    assert stats.primary_verdict({"p": 0.01, "mean": -2.0}, {"p": 0.001, "b": 40, "c": 10}) == "contradicts"
+    # one test alone, or the two disagreeing in sign, decides nothing
+    assert stats.primary_verdict(significant_t, {"p": 0.2, "b": 10, "c": 14}) == "inconclusive"
+    assert stats.primary_verdict({"p": 0.19, "mean": -3.1}, {"p": 0.001, "b": 40, "c": 10}) == "inconclusive"
+    assert stats.primary_verdict(significant_t, {"p": 0.001, "b": 40, "c": 10}) == "inconclusive"
+    assert stats.primary_verdict({"p": None, "mean": None}, None) == "inconclusive"
+
+
+def test_holm_adjusts_in_order_and_keeps_missing():
+    adjusted = stats.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    assert adjusted == {"a": pytest.approx(0.03), "b": pytest.approx(0.06), "c": pytest.approx(0.06), "d": None}
+    assert stats.holm({"a": 0.6, "b": 0.9})["b"] == 1.0
+
+
+def test_power_plan_from_the_committed_run():
+    # discordance 0.266 (the 3-seed run's rates, independence), 1000 questions: evaluation sd 1.63 points
+    assert stats.difference_sd(0.0, 0.266, 1000) == pytest.approx(1.631, abs=1e-3)
+    assert stats.seeds_needed(3.0, 0.0, 0.266, 1000) == 5
+    assert stats.seeds_needed(3.0, 2.0, 0.266, 1000) == 8
+    assert stats.seeds_needed(3.0, 2.756, 0.266, 1000) == 12
+    assert stats.seeds_needed(3.0, 50.0, 0.266, 1000, most=20) is None
+    # more seeds can only shrink the detectable effect
+    effects = [stats.detectable_effect(3.0, n) for n in range(2, 20)]
+    assert effects == sorted(effects, reverse=True)
 
 
 def test_spike_rule_flags_a_jump_and_not_noise_or_a_slow_rise():
@@ -66,15 +109,6 @@ def test_spike_rule_flags_a_jump_and_not_noise_or_a_slow_rise():
     assert stats.loss_spikes(early) == []
 
 
-def test_paired_differences_keep_missing_seeds_visible():
-    result = stats.paired([1.0, 2.0, None], [1.5, 1.0, 3.0])
-    assert result["differences"] == [0.5, -1.0, None]
-    assert result["missing"] == 1
-    assert result["sign_test"]["positive"] == 1 and result["sign_test"]["negative"] == 1
-    with pytest.raises(ValueError, match="one per seed"):
-        stats.paired([1.0], [1.0, 2.0])
-
-
 def test_coefficient_of_variation_and_std():
     assert stats.coefficient_of_variation([1.0, 1.0, 1.0]) == 0.0
     assert stats.coefficient_of_variation([1.0, 3.0]) == pytest.approx(0.5)
@@ -82,18 +116,12 @@ def test_coefficient_of_variation_and_std():
     assert stats.coefficient_of_variation([5.0]) is None
 
 
-def test_verdicts_follow_the_ci_and_the_paper_side():
-    from llava_dsl.study.analysis import verdict_all, verdict_paired
+def test_gradient_statistics_are_described_per_seed_not_judged():
+    from llava_dsl.study.analysis import describe_sides
 
-    # higher is better (accuracy): a CI above 0 reproduces, below 0 does not, across 0 is inconclusive
-    assert verdict_paired({"mean": 2.0, "low": 0.5, "high": 3.0}, +1) == "reproduces in direction"
-    assert verdict_paired({"mean": -2.0, "low": -3.0, "high": -0.5}, +1).startswith("does not")
-    assert verdict_paired({"mean": 1.0, "low": -0.5, "high": 2.0}, +1).startswith("inconclusive")
-    # lower is better (spikes, MSE): a CI below 0 reproduces
-    assert verdict_paired({"mean": -1.0, "low": -2.0, "high": -0.1}, -1) == "reproduces in direction"
-    assert verdict_all([3.0, 2.0, 1.5], lambda v: v > 1).startswith("reproduces")
-    assert verdict_all([0.5, 0.2], lambda v: v > 1).startswith("does not")
-    assert verdict_all([3.0, 0.5, None], lambda v: v > 1).startswith("inconclusive (1 of 2")
+    assert describe_sides([3.0, 2.0, 1.5], lambda v: v > 1) == "paper's side in 3 of 3 seeds"
+    assert describe_sides([0.5, 0.2], lambda v: v > 1) == "paper's side in 0 of 2 seeds"
+    assert describe_sides([3.0, 0.5, None], lambda v: v > 1) == "paper's side in 1 of 2 seeds"
 
 
 def test_answers_are_normalised_before_exact_match():
