@@ -12,7 +12,11 @@ embedding passed as ``position_embeddings``), the model's final norm, and an MLP
 LLaVA-1.5 stage's). Reported in ``report.json``: held-out MSE (normalised units) and PSNR per evaluation, the
 trivial predictor's, steps to each threshold, and the initial-copy check (max |probe - LM| per tensor, 0).
 
-One process (the probe and the cached tokens are small); Llava only: LLaVA-NeXT's anyres tiles and Qwen3-VL's merged
+One process on one device (``--device``: cpu, cuda or auto). The frozen model runs in ``--dtype`` (float32,
+bfloat16, float16) and encodes ``--eval_batch_size`` images per forward; the tokens are cached on the CPU in that dtype
+and moved to the device a batch at a time. The probe keeps float32 weights (its copy of the LM is exact) and runs under
+autocast in ``--dtype``. The held-out set is evaluated ``--eval_batch_size`` images at a time; its metrics are
+per-image means, so the batch size does not change them. Llava only: LLaVA-NeXT's anyres tiles and Qwen3-VL's merged
 patches do not map one token to one square image region.
 """
 from __future__ import annotations
@@ -149,28 +153,56 @@ def pixels(processor, paths: Sequence[str]) -> torch.Tensor:
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
+def batches(n: int, size: int):
+    """Index ranges [start, end) of ``n`` items, ``size`` at a time."""
+    return ((start, min(start + size, n)) for start in range(0, n, size))
+
+
+def encode_images(model, processor, paths: Sequence[str], batch_size: int, device: torch.device, dtype: torch.dtype):
+    """(tokens [N, T, H] in ``dtype``, targets [N, T', P] float32, geometry), ``batch_size`` images per forward;
+    both cached on the CPU (a large set's tokens need not fit on the device)."""
+    tokens, targets, geometry = [], [], None
+    for start, end in batches(len(paths), batch_size):
+        pv = pixels(processor, paths[start:end])
+        batch = visual_tokens(model, pv.to(device=device, dtype=dtype))
+        if geometry is None:
+            geometry = geometry_for(model, pv, batch.shape[1])
+        tokens.append(batch.cpu())
+        targets.append(patchify(pv.float(), geometry.region))
+    return torch.cat(tokens), torch.cat(targets), geometry
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
 def train_probe(probe: HFRProbe, geometry: ProbeGeometry, train_tokens, train_targets, eval_tokens, eval_targets,
                 mean, std, *, max_steps: int, batch_size: int, learning_rate: float, eval_every: int,
-                thresholds: Sequence[float], seed: int = 0, log=print) -> Dict:
-    """AdamW on the pixel MSE; held-out MSE / PSNR every ``eval_every`` steps (and at 0 and the end)."""
+                thresholds: Sequence[float], seed: int = 0, eval_batch_size: int = 32,
+                autocast_dtype: torch.dtype = torch.float32, log=print) -> Dict:
+    """AdamW on the pixel MSE; held-out MSE / PSNR every ``eval_every`` steps (and at 0 and the end), evaluated
+    ``eval_batch_size`` images at a time. Tokens and targets may live on the CPU: each batch moves to the probe's
+    device; below float32, the probe runs under autocast in ``autocast_dtype``."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=learning_rate, weight_decay=0.0)
     image_size, region, grid = geometry.image_size, geometry.region, geometry.grid
+    device = probe.head[0].weight.device
 
     def predict(tokens):
-        out = probe(tokens)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            out = probe(tokens.to(device))
         return out[:, 1:] if geometry.has_cls else out
 
     def evaluate(step):
         probe.eval()
+        mse, psnr = [], []
         with torch.no_grad():
-            prediction = predict(eval_tokens)
-            mse = float(per_image_mse(prediction, eval_targets).mean())
-            psnr = float(per_image_psnr(unpatchify(prediction, region, grid), unpatchify(eval_targets, region, grid),
-                                        mean, std).mean())
+            for start, end in batches(eval_tokens.shape[0], eval_batch_size):
+                prediction = predict(eval_tokens[start:end]).float().cpu()
+                target = eval_targets[start:end]
+                mse.append(per_image_mse(prediction, target))
+                psnr.append(per_image_psnr(unpatchify(prediction, region, grid), unpatchify(target, region, grid),
+                                           mean, std))
+        mse, psnr = float(torch.cat(mse).mean()), float(torch.cat(psnr).mean())
         probe.train()
         log(f"llava_dsl.hf.rprobe: step {step}: held-out MSE {mse:.5f}, PSNR {psnr:.2f} dB")
         return {"step": step, "mse": mse, "psnr": psnr}
@@ -185,7 +217,7 @@ def train_probe(probe: HFRProbe, geometry: ProbeGeometry, train_tokens, train_ta
     n = train_tokens.shape[0]
     for step in range(1, max_steps + 1):
         index = torch.randint(0, n, (min(batch_size, n),), generator=generator)
-        loss = reconstruction_loss(predict(train_tokens[index]), train_targets[index])
+        loss = reconstruction_loss(predict(train_tokens[index]), train_targets[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -197,6 +229,9 @@ def train_probe(probe: HFRProbe, geometry: ProbeGeometry, train_tokens, train_ta
             "train_seconds": time.time() - start, "image_size": image_size}
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="python -m llava_dsl.hf.rprobe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model_name_or_path", required=True, help="a stock Llava from_pretrained folder")
@@ -206,7 +241,13 @@ def _parser():
     p.add_argument("--num_eval_images", type=int, default=None,
                    help="held-out images: the last N distinct images (default: a quarter, at least 1)")
     p.add_argument("--max_steps", type=int, default=1000)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="training images per probe step")
+    p.add_argument("--eval_batch_size", type=int, default=32,
+                   help="images per forward when encoding the images and when evaluating the held-out set")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model and the probe run (auto: cuda when available)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32",
+                   help="the frozen model's dtype; the probe keeps float32 weights and runs under autocast in it")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--threshold", type=str, default="0.1",
@@ -225,9 +266,14 @@ def _fail(message: str):
 
 def main(argv=None) -> Dict:
     args = _parser().parse_args(argv)
-    if args.max_steps < 1 or args.eval_every < 1 or args.batch_size < 1:
-        _fail(f"--max_steps={args.max_steps} --eval_every={args.eval_every} --batch_size={args.batch_size}: "
-              f"expected positive integers")
+    if min(args.max_steps, args.eval_every, args.batch_size, args.eval_batch_size) < 1:
+        _fail(f"--max_steps={args.max_steps} --eval_every={args.eval_every} --batch_size={args.batch_size} "
+              f"--eval_batch_size={args.eval_batch_size}: expected positive integers")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use cpu or auto")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = _DTYPES[args.dtype]
     try:
         thresholds = [float(v) for v in args.threshold.split(",") if v.strip()]
     except ValueError:
@@ -249,7 +295,8 @@ def main(argv=None) -> Dict:
         _fail(f"--num_eval_images={n_eval}: expected 1..{len(paths) - 1} ({args.data_path} has {len(paths)} distinct "
               f"images; at least one must remain for training)")
     torch.manual_seed(args.seed)
-    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path).eval().requires_grad_(False)
+    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype)
+    model = model.to(device).eval().requires_grad_(False)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     try:
         t = _llava(model)
@@ -261,23 +308,23 @@ def main(argv=None) -> Dict:
     if not 1 <= depth <= num_layers:
         _fail(f"--depth={depth}: expected 1..{num_layers} (the language model's decoder layers)")
 
-    pv = pixels(processor, paths)
-    tokens = visual_tokens(model, pv)
-    geometry = geometry_for(model, pv, tokens.shape[1])
-    targets = patchify(pv, geometry.region)
+    tokens, targets, geometry = encode_images(model, processor, paths, args.eval_batch_size, device, dtype)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     probe = HFRProbe(language_model, depth, geometry.pixels_per_token, args.head_hidden, args.bidirectional)
+    probe = probe.to(device=device, dtype=torch.float32)  # float32 weights: the copy of the LM is exact
     init_check = copy_differences(probe, language_model)
     if any(v != 0 for v in init_check.values()):
         raise RuntimeError(f"the probe's copy of the LM differs from it: {init_check}")
     split = len(paths) - n_eval
     result = train_probe(probe, geometry, tokens[:split], targets[:split], tokens[split:], targets[split:], mean, std,
                          max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         eval_every=args.eval_every, thresholds=thresholds, seed=args.seed)
+                         eval_every=args.eval_every, thresholds=thresholds, seed=args.seed,
+                         eval_batch_size=args.eval_batch_size, autocast_dtype=dtype)
     report = {
         "model": args.model_name_or_path, "model_class": type(model).__name__,
         "dsl_detach_layers": getattr(model.config, "dsl_detach_layers", None),
-        "depth": depth, "num_llm_layers": num_layers, "geometry": geometry.as_dict(),
+        "depth": depth, "num_llm_layers": num_layers, "geometry": geometry.as_dict(), "device": str(device),
+        "dtype": args.dtype,
         "train_images": split, "eval_images": n_eval, "thresholds": thresholds,
         "config": {k: v for k, v in vars(args).items()},
         "init_check": {"max_abs_diff": max(init_check.values()), "tensors": len(init_check)},

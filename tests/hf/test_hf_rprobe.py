@@ -48,7 +48,10 @@ def _blocks_image(path, seed):
     Image.fromarray(pixels).save(path)
 
 
-def test_entry_point_trains_below_the_trivial_predictor(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def probe_data(tmp_path_factory):
+    """A tiny Llava and 24 block images (20 to train on, 4 held out); the flags every run shares."""
+    tmp_path = tmp_path_factory.mktemp("hf_rprobe")
     save_tiny_llava(str(tmp_path / "model"))
     (tmp_path / "images").mkdir()
     records = []
@@ -57,11 +60,14 @@ def test_entry_point_trains_below_the_trivial_predictor(tmp_path, capsys):
         records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nwhat is it ?"}, {"from": "gpt", "value": "blocks"}]})
     (tmp_path / "data.json").write_text(json.dumps(records))
+    return ["--model_name_or_path", str(tmp_path / "model"), "--data_path", str(tmp_path / "data.json"),
+            "--image_folder", str(tmp_path / "images"), "--num_eval_images", "4"]
+
+
+def test_entry_point_trains_below_the_trivial_predictor(probe_data, tmp_path, capsys):
     out = tmp_path / "probe"
-    report = main(["--model_name_or_path", str(tmp_path / "model"), "--data_path", str(tmp_path / "data.json"),
-                   "--image_folder", str(tmp_path / "images"), "--output_dir", str(out), "--num_eval_images", "4",
-                   "--max_steps", "300", "--eval_every", "50", "--batch_size", "8", "--learning_rate", "3e-3",
-                   "--threshold", "1.0,0.0001"])
+    report = main(probe_data + ["--output_dir", str(out), "--max_steps", "300", "--eval_every", "50",
+                                "--batch_size", "8", "--learning_rate", "3e-3", "--threshold", "1.0,0.0001"])
     saved = json.loads((out / "report.json").read_text())
     assert saved["final"] == report["final"] and (out / "probe.pt").is_file()
     assert saved["depth"] == 1 and saved["num_llm_layers"] == 2 and saved["init_check"]["max_abs_diff"] == 0
@@ -75,6 +81,31 @@ def test_entry_point_trains_below_the_trivial_predictor(tmp_path, capsys):
     assert crossed is not None and crossed == min(e["step"] for e in saved["evals"] if e["mse"] < 1.0)
     assert saved["steps_to_threshold"]["0.0001"] is None
     assert "held-out MSE" in capsys.readouterr().out
+    assert saved["device"] == "cpu" and saved["dtype"] == "float32"  # --device auto on a machine without CUDA
+
+
+def test_batch_sizes_do_not_change_the_results(probe_data, tmp_path):
+    """Images encoded and the held-out set evaluated one at a time, or all in one batch, or 3 at a time (a last
+    batch of 1): the same tokens, the same training, the same per-image metrics."""
+    flags = probe_data + ["--max_steps", "20", "--eval_every", "10", "--batch_size", "4", "--learning_rate", "3e-3"]
+    reports = [main(flags + ["--output_dir", str(tmp_path / str(size)), "--eval_batch_size", str(size)])
+               for size in (1, 24, 3)]
+    evals = [[(e["step"], e["mse"], e["psnr"]) for e in r["evals"]] for r in reports]
+    assert [step for step, _, _ in evals[0]] == [0, 10, 20]
+    for other in evals[1:]:
+        for (step, mse, psnr), (step2, mse2, psnr2) in zip(evals[0], other, strict=True):
+            assert step == step2 and mse2 == pytest.approx(mse, rel=1e-5) and psnr2 == pytest.approx(psnr, rel=1e-5)
+    assert reports[0]["trivial"]["mse"] == pytest.approx(reports[1]["trivial"]["mse"], rel=1e-6)
+    assert evals[0][-1][1] < evals[0][0][1]  # it trained
+
+
+def test_a_bfloat16_run_keeps_an_exact_float32_copy_of_the_lm(probe_data, tmp_path):
+    report = main(probe_data + ["--output_dir", str(tmp_path / "bf16"), "--max_steps", "5", "--eval_every", "5",
+                                "--dtype", "bfloat16", "--device", "cpu"])
+    assert report["dtype"] == "bfloat16" and report["init_check"]["max_abs_diff"] == 0
+    state = torch.load(tmp_path / "bf16" / "probe.pt")
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    assert all(e["mse"] == e["mse"] for e in report["evals"])  # finite, not NaN
 
 
 def test_refusals(tmp_path, capsys):
@@ -86,3 +117,8 @@ def test_refusals(tmp_path, capsys):
         main(["--model_name_or_path", "x", "--data_path", str(tmp_path / "none.json"), "--image_folder",
               str(tmp_path), "--output_dir", str(tmp_path / "o")])
     assert "none.json" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--model_name_or_path", "x", "--data_path", "d", "--image_folder", "i", "--output_dir", "o",
+                  "--device", "cuda"])
+        assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
