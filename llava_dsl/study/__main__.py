@@ -5,6 +5,7 @@ per claim of the paper (gradient interference, accuracy and stability, R-Probe).
     python -m llava_dsl.study --quick --output_dir study_quick   the whole pipeline, small (2 seeds, scale 1)
     python -m llava_dsl.study search [--output_dir ...]     the regime search (gradient statistics only)
     python -m llava_dsl.study report [--output_dir ...]     tables, JSON and figures from what has finished
+    python -m llava_dsl.study report --results FILE        a committed results.json's tables under today's rules
 
 ``run`` skips every unit that finished before (same plan), so rerunning the same command after a crash or a
 kill continues; ``report`` runs on partial results too. The study is not a test and never runs in CI.
@@ -162,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="asset cache (default $LLAVA_DSL_ASSETS, else ~/.cache/llava_dsl/assets)")
     parser.add_argument("--vision_tower", default=None, help="use this tower instead of the cached one (smoke runs)")
     parser.add_argument("--llm", default=None, help="use this LM instead of the cached one (smoke runs)")
+    parser.add_argument("--results", default=None,
+                        help="report: print the tables of this results.json under the current analysis")
     args = parser.parse_args(argv)
     try:
         if args.jobs < 1:
@@ -176,6 +179,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         override = {"vision_tower": args.vision_tower, "llm": args.llm}
         if args.command == "run":
             run_study(output_dir, plan, args.jobs, args.assets_root, override)
+        elif args.command == "report" and args.results:
+            from llava_dsl.study.report import reanalyse
+
+            print(reanalyse(args.results))
         elif args.command == "report":
             if not os.path.isfile(os.path.join(output_dir, "plan.json")):
                 raise StudyError(f"--output_dir {output_dir}: no plan.json; run the study there first")

@@ -16,7 +16,10 @@ from llava_dsl.study.plan import ARMS, SHORT, Plan
 
 def _plan(output_dir: str) -> Plan:
     with open(os.path.join(output_dir, "plan.json"), encoding="utf-8") as f:
-        raw = json.load(f)
+        return plan_from_json(json.load(f))
+
+
+def plan_from_json(raw: Dict) -> Plan:
     fields = {k: v for k, v in raw.items() if k in Plan.__dataclass_fields__}
     fields["seeds"] = tuple(fields["seeds"])
     fields["fixed_theta_points"] = tuple(fields["fixed_theta_points"])
@@ -59,7 +62,9 @@ def primary_text(primary: Dict) -> str:
              f"- per-seed differences (points): {', '.join(_fmt(d) for d in primary['differences'])}",
              f"- paired t over {primary['n']} seeds: mean {_fmt(primary['mean'])}, 95 % t-interval "
              f"{_interval(primary)}, t = {_fmt(primary['t'])}, df = {primary['df']}, p = {_p(primary['p'])}",
-             f"- smallest effect this run could detect at 80 % power: ±{_fmt(primary['detectable'])} points"]
+             f"- smallest effect this run could detect at 80 % power: "
+             + (f"±{_fmt(primary['detectable'])} points" if primary["detectable"] is not None
+                else "undefined (the differences have no spread)")]
     if cmh is not None:
         seeds = ", ".join(f"{s['b']}/{s['c']} (p = {s['p']:.3g})" for s in cmh["per_stratum"])
         lines.append(f"- Cochran–Mantel–Haenszel over seeds (questions only naive / only detached read): "
@@ -257,3 +262,12 @@ def write(output_dir: str, quiet: bool = False) -> Dict:
     if not quiet:
         print(markdown)
     return result
+
+
+def reanalyse(results_file: str) -> str:
+    """The tables of a committed results.json under the current rules (its seeds' numbers as recorded; a run
+    that kept no per-question outcomes has no CMH test, and its primary verdict stays inconclusive)."""
+    with open(results_file, encoding="utf-8") as f:
+        result = json.load(f)
+    result["summary"] = summarise(result["seeds"], plan_from_json(result["plan"]))
+    return tables(result)

@@ -174,7 +174,9 @@ def paired_t(differences: Sequence[Optional[float]], alpha: float = ALPHA) -> Di
     else:
         t = m / se
         p = t_two_sided_p(t, df)
-    out.update(t=t, df=df, p=p, ci=[m - half, m + half], level=1 - alpha, detectable=detectable_effect(sd, n, alpha))
+    # no spread (e.g. every difference 0 because no model answers right) leaves the detectable effect undefined
+    out.update(t=t, df=df, p=p, ci=[m - half, m + half], level=1 - alpha,
+               detectable=detectable_effect(sd, n, alpha) if sd > 0 else None)
     return out
 
 

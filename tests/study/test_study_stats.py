@@ -43,6 +43,7 @@ def test_paired_t_on_the_three_seed_run_gives_the_t_interval_not_the_range():
     assert result["detectable"] == pytest.approx((4.3027 + 1.0607) * 2.7560 / 3 ** 0.5, rel=1e-3)
     assert stats.paired_t([1.0, None, 2.0])["missing"] == 1
     assert stats.paired_t([1.0])["p"] is None
+    assert stats.paired_t([0.0, 0.0, 0.0])["detectable"] is None  # no spread: nothing to size an effect against
 
 
 def test_cmh_over_seeds_pools_the_discordant_pairs():
