@@ -13,60 +13,53 @@ Restarting the same command resumes from the newest complete checkpoint in --out
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional
 
 
-def _pop_flag(argv: List[str], name: str) -> Tuple[List[str], Optional[str]]:
-    """Remove ``--name value`` / ``--name=value`` from argv (LLaVA's parser does not know it)."""
-    rest, value, i = [], None, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == f"--{name}":
-            if i + 1 >= len(argv):
-                raise SystemExit(f"--{name}: expected a value")
-            value, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, value
+@dataclass
+class EntryPointFlags:
+    """The flags this entry point reads before LLaVA's train() parses all of them again: same names, types and
+    defaults as in LLaVA's / transformers' arguments, so a value is accepted or refused the same way."""
+
+    attn_implementation: Optional[str] = None
+    bits: int = 16
+    fp16: bool = False
+    tf32: Optional[bool] = None
+    deepspeed: Optional[str] = None
+    ddp_timeout: int = 1800
+    seed: int = 42
 
 
-def _flag_value(argv: List[str], name: str, default: str) -> str:
-    return _pop_flag(list(argv), name)[1] or default
+def parse_entry_point_flags(argv: List[str]) -> EntryPointFlags:
+    """``EntryPointFlags`` from argv, every other flag left to LLaVA's parser; a bad value exits naming the flag
+    and the value (``argument --seed: invalid int value: 'abc'``)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(EntryPointFlags, prog="python -m llava_dsl.train", add_help=False,
+                              usage="python -m llava_dsl.train <LLaVA's train.py flags> [plugin flags] (--help)")
+    flags, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                  look_for_args_file=False)
+    return flags
 
 
-def _requested(argv: List[str], name: str) -> bool:
-    """True if a boolean flag is on: ``--name``, ``--name True``, ``--name=true``."""
-    for i, arg in enumerate(argv):
-        if arg == f"--{name}":
-            following = argv[i + 1] if i + 1 < len(argv) else ""
-            return following.startswith("--") or following.lower() in ("", "true", "1", "yes")
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1].lower() in ("true", "1", "yes")
-    return False
-
-
-def hardware_problems(argv: List[str], attn_implementation: Optional[str], cuda: bool) -> List[str]:
+def hardware_problems(flags: EntryPointFlags, cuda: bool) -> List[str]:
     """What this command asks of the hardware that it does not have: one line per problem, with the fix."""
     import importlib.util
 
-    problems = []
-    bits = _flag_value(argv, "bits", "16")
-    if attn_implementation == "flash_attention_2":
+    problems, bits = [], flags.bits
+    if flags.attn_implementation == "flash_attention_2":
         if not cuda:
             problems.append("--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU use "
                             "--attn_implementation sdpa (or eager)")
         elif importlib.util.find_spec("flash_attn") is None:
             problems.append("--attn_implementation flash_attention_2 needs the flash-attn package: "
                             "pip install flash-attn --no-build-isolation (or use --attn_implementation sdpa)")
-    if _requested(argv, "fp16") and not cuda:
+    if flags.fp16 and not cuda:
         problems.append("--fp16 True needs a CUDA GPU; on CPU use --bf16 True, or --bf16 False for fp32")
-    if _requested(argv, "tf32") and not cuda:
+    if flags.tf32 and not cuda:
         problems.append("--tf32 True needs an Ampere-or-newer CUDA GPU; on CPU use --tf32 False")
-    if bits in ("4", "8"):
+    if bits in (4, 8):
         if not cuda:
             problems.append(f"--bits {bits} (QLoRA through bitsandbytes) needs a CUDA GPU; on CPU drop --bits "
                             f"(16-bit LoRA: --lora_enable True)")
@@ -77,13 +70,13 @@ def hardware_problems(argv: List[str], attn_implementation: Optional[str], cuda:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Read here for LLaVA's train(attn_implementation=...) and left in argv: the plugin's ModelArguments declares it,
-    # so that --help lists it and the parser accepts it.
-    attn_implementation = _pop_flag(list(argv), "attn_implementation")[1]
+    # all left in argv: the plugin's ModelArguments declares --attn_implementation (so --help lists it), and LLaVA's
+    # train() takes it as an argument, which its parser does not fill in
+    flags = parse_entry_point_flags(argv)
 
     import torch
 
-    problems = hardware_problems(argv, attn_implementation, torch.cuda.is_available())
+    problems = hardware_problems(flags, torch.cuda.is_available())
     if problems:  # before any weights load, not a stack trace minutes later
         raise SystemExit("\n".join(f"llava_dsl.train: {problem}" for problem in problems))
 
@@ -94,18 +87,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     from llava_dsl.compat.deepspeed import cpu_safe_deepspeed_argv, init_deepspeed_distributed
 
     argv = cpu_safe_deepspeed_argv(argv, torch.cuda.is_available())
-    if _flag_value(argv, "deepspeed", "") and not torch.cuda.is_available():
+    if flags.deepspeed and not torch.cuda.is_available():
         # before train() does it, so that CPU runs leave no shared memory behind; on CUDA the Trainer's own init stays
-        init_deepspeed_distributed(cuda=False, timeout_s=float(_flag_value(argv, "ddp_timeout", "1800")))
+        init_deepspeed_distributed(cuda=False, timeout_s=float(flags.ddp_timeout))
     llava_dsl.register()
     # LLaVA builds the projector before the Trainer seeds; seed first so a run is reproducible from its flags.
-    transformers.set_seed(int(_flag_value(argv, "seed", "42")))
+    transformers.set_seed(flags.seed)
     import llava.train.train as llava_train
 
     sys.argv = [sys.argv[0]] + argv  # LLaVA's train() parses sys.argv itself
-    llava_train.train(attn_implementation=attn_implementation)
+    llava_train.train(attn_implementation=flags.attn_implementation)
     close_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,12 @@
 """Every plugin flag is parsed by ``python -m llava_dsl.train`` and listed by its ``--help`` with its help text."""
 import dataclasses
+import os
 import re
 import subprocess
 import sys
+
+import pytest
+from support import ROOT
 
 from llava_dsl.checkpointing.trainer import SafetyTrainerMixin  # noqa: F401  (imports llava: the stack is present)
 from llava_dsl.data_checks import SafetyDataArguments
@@ -48,3 +52,20 @@ def test_the_parser_takes_every_plugin_flag():
     assert model_args.attn_implementation == "sdpa" and model_args.mm_vision_skip_stride == 2
     assert training_args.dsl_grad_stats_every == 3 and training_args.mm_vision_tower_lr == 1e-5
     assert data_args.skip_bad_samples is True and model_args.mm_routing == "dpvr_lf"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--deepspeed", os.path.join(ROOT, "scripts", "zero3", "zero3.json"), "--ddp_timeout=soon"],
+     "argument --ddp_timeout: invalid int value: 'soon'"),
+    (["--fp16", "maybe"], "argument --fp16: Truthy value expected: got maybe"),
+])
+def test_a_bad_value_of_a_flag_read_at_startup_names_the_flag_and_the_value(flags, message, capsys, monkeypatch):
+    """The flags the entry point reads itself (seed, DeepSpeed's timeout, the hardware checks') are parsed as
+    LLaVA's parser would: a bad value stops at once naming flag and value, never a traceback."""
+    from llava_dsl import train
+
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])  # what main() passes on to LLaVA's train()
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--output_dir", "out", "--model_name_or_path", "none"] + flags)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
