@@ -9,6 +9,7 @@ from typing import Dict, List
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 
 class DataError(ValueError):
@@ -164,21 +165,11 @@ class LlavaChatCollator:
                 label[start:end] = row["input_ids"][start:end]
             rows.append(row)
             labels.append(label)
-        width = max(len(label) for label in labels)
-        left = self.tokenizer.padding_side == "left"
-
-        def pad(values, fill):
-            out = torch.full((len(values), width), fill, dtype=values[0].dtype)
-            for i, v in enumerate(values):
-                if left:
-                    out[i, width - len(v):] = v
-                else:
-                    out[i, :len(v)] = v
-            return out
-
+        side = self.tokenizer.padding_side
         for k in per_token:
-            batch[k] = pad([r[k] for r in rows], self.tokenizer.pad_token_id if k == "input_ids" else 0)
-        labels = pad(labels, -100)
+            fill = self.tokenizer.pad_token_id if k == "input_ids" else 0
+            batch[k] = pad_sequence([r[k] for r in rows], batch_first=True, padding_value=fill, padding_side=side)
+        labels = pad_sequence(labels, batch_first=True, padding_value=-100, padding_side=side)
         labels[batch["input_ids"] == self.image_token_id] = -100
         batch["labels"] = labels
         return batch

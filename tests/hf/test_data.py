@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from llava_dsl.hf import sft
-from llava_dsl.hf.data import DataError, LlavaChatCollator
+from llava_dsl.hf.data import DataError, LlavaChatCollator, to_messages
 from llava_dsl.hf.tiny import (CHAT_TEMPLATE, V5, save_tiny_llava, tiny_llava, tiny_processor, tiny_qwen3_vl,
                                tiny_tokenizer)
 
@@ -142,19 +142,13 @@ def test_labels_are_the_answers_under_left_and_right_padding(family, records):
         assert _label_runs(labels) == expected, rec["id"]
         assert [tok.decode(run) for run in _label_runs(labels)] == [a + ANSWER_END for a in answers], rec["id"]
         # the image run is the one the processor gives this image alone, unlabelled
-        alone = processor(text=[processor.apply_chat_template(_messages(rec), tokenize=False)],
+        alone = processor(text=[processor.apply_chat_template(to_messages(rec["conversations"]), tokenize=False)],
                           images=[Image.open(rec["image"]).convert("RGB")], return_tensors="pt")["input_ids"][0]
         assert ids == alone.tolist(), rec["id"]
         assert all(label == -100 for i, label in zip(ids, labels) if i == image_id)
     if family == "llava_next":  # anyres: the three image sizes give different numbers of image tokens
         counts = {int((row == image_id).sum()) for row in right["input_ids"]}
         assert len(counts) == 3, counts
-
-
-def _messages(rec):
-    from llava_dsl.hf.data import to_messages
-
-    return to_messages(rec["conversations"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -233,7 +227,7 @@ def test_a_template_that_is_not_prefix_stable_is_named(records):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_left_padded_batch_trains(family, records):
+def test_a_left_padded_batch_gives_each_sample_its_loss_alone(family, records):
     """The collated batch goes through the model; the loss equals the mean token loss of each sample alone."""
     processor = PROCESSORS[family]()
     model = MODELS[family]()
