@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -108,6 +108,8 @@ def _common(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_dsl.rprobe", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher puts --local_rank=N before the sub-command; the rank is also in $LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a probe on one checkpoint")
     _add(train, "--model-path", required=True)
@@ -280,23 +282,9 @@ def command_eval(args) -> Dict[str, Any]:
     return report
 
 
-def _strip_local_rank(argv: Sequence[str]) -> List[str]:
-    """The deepspeed launcher puts --local_rank=N before the sub-command; the rank is also in $LOCAL_RANK."""
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--local_rank", "--local-rank"):
-            skip = True
-        elif not arg.startswith(("--local_rank=", "--local-rank=")):
-            rest.append(arg)
-    return rest
-
-
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The command line, returning the report (``main`` is the console entry point and returns nothing)."""
-    argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "eval":
             return command_eval(args)

@@ -37,6 +37,15 @@ STD = [0.26862954, 0.26130258, 0.27577711]
 # --------------------------------------------------------------------------------------------------
 # Pure core.
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("launcher", [["--local_rank=1"], ["--local-rank", "1"]])
+def test_the_command_line_takes_the_deepspeed_launchers_rank_flag(launcher):
+    """The deepspeed launcher puts --local_rank=N (torchrun: --local-rank) before the sub-command."""
+    from llava_dsl.rprobe.cli import build_parser
+
+    args = build_parser().parse_args(launcher + ["eval", "--model-path", "m", "--probe-path", "p", "--output-dir", "o"])
+    assert args.command == "eval" and args.local_rank == 1 and args.probe_path == "p"
+
+
 def test_probe_depth_is_the_first_quarter_rounded_up():
     assert [probe_depth(n) for n in (1, 2, 4, 5, 8, 32, 40)] == [1, 1, 1, 2, 2, 8, 10]
     with pytest.raises(ValueError):
