@@ -5,7 +5,7 @@ Primary endpoint: held-out exact match, detached - naive, paired by seed. "repro
 seeds and the Cochran-Mantel-Haenszel test on per-question outcomes stratified by seed both reject at alpha 0.05
 (two-sided) with detached better, "contradicts" when both reject with detached worse, "inconclusive" otherwise,
 always with the t-interval and the smallest effect the run could have detected at 80 % power. Secondary metrics
-(character accuracy, final loss, spikes, tower gradient norm, R-Probe): a paired t each, Holm-corrected over the
+(character accuracy, exact match on handwritten digits, final loss, spikes, tower gradient norm, R-Probe): a paired t each, Holm-corrected over the
 secondary family, labelled secondary; they decide no claim. Gradient statistics describe one model, not a
 difference: they are described (on the paper's side in k of n seeds), never judged.
 """
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 from llava_dsl.study import stats
 from llava_dsl.study.plan import ARMS, SHORT, Plan
-from llava_dsl.study.runner import fixed_dir, stage_dir
+from llava_dsl.study.runner import damage_file, eval_dir, fixed_dir, stage_dir
 
 GRAD_KEYS = ("trcov_ratio", "cos_mean", "snr_main", "snr_full", "trcov_main", "trcov_skip", "norm_main", "norm_skip")
 
@@ -85,6 +85,12 @@ def answer_scores(scored_file: str) -> Optional[Dict]:
             "char_accuracy": 100.0 * chars / n, "n": n, "scored_file": scored_file,
             "distinct_answers": len({row["answer"] for row in rows}),
             "examples": [{"prediction": row["prediction"], "truth": row["truth"]} for row in rows[:6]]}
+
+
+def find_scored(folder: str) -> str:
+    """The scored.jsonl the evaluation runner wrote under ``folder`` (it adds the benchmark's subfolder)."""
+    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f == "scored.jsonl")
+    return found[0] if found else os.path.join(folder, "textvqa", "scored.jsonl")
 
 
 def tower_grad_norms(grad: Dict) -> List[float]:
@@ -192,13 +198,8 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
                 "shallow_norm_skip": [s["groups"][group]["norm_skip"] for s in grad["steps"]],
                 "timing": grad.get("timing"),
             }
-        scored = os.path.join(output_dir, "eval", f"seed{seed}", SHORT[projector], "textvqa", "scored.jsonl")
-        if not os.path.isfile(scored):
-            found = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(output_dir, "eval", f"seed{seed}",
-                                                                               SHORT[projector])) for f in fs
-                     if f == "scored.jsonl"]
-            scored = found[0] if found else scored
-        row["answers"] = answer_scores(scored)
+        for heldout, key in (("rendered", "answers"), ("handwritten", "answers_handwritten")):
+            row[key] = answer_scores(find_scored(eval_dir(output_dir, seed, projector, heldout)))
         result = probe_by_path.get(os.path.abspath(folder))
         if result is not None:
             row["rprobe"] = {"steps_to_threshold": result["steps_to_threshold"], "final_mse": result["final"]["mse"],
@@ -224,7 +225,16 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
                 if point == "mid":
                     source = os.path.join(source, f"checkpoint-{plan.mid_step}")
             fixed[key]["theta_check"] = weights_unchanged(source, fixed_dir(output_dir, seed, point, projector))
+    damage = _load(damage_file(output_dir, seed))
+    if damage is not None:
+        by_path = {os.path.abspath(k): v for k, v in damage["checkpoints"].items()}
+        for projector in ARMS:
+            entry = by_path.get(os.path.abspath(stage_dir(output_dir, seed, projector, 2)))
+            if entry is not None:
+                arms[projector]["damage"] = {"layers": entry["layers"], "vs_pretrained": entry.get("vs_reference")}
     out = {"seed": seed, "arms": arms, "fixed_theta": fixed,
+           "damage_pretrained": None if damage is None or not damage.get("reference") else
+           damage["reference"]["layers"],
            "discordant_naive_detached": None if discordant is None else {"b": discordant[0], "c": discordant[1]}}
     if probe is not None:
         out["rprobe"] = {"threshold": probe["threshold"]["mse"], "trivial_mse": probe["trivial"]["mse"],
@@ -248,6 +258,7 @@ METRICS = {
     # every one but PRIMARY is secondary
     "exact_match": (("answers", "exact_match"), +1),
     "char_accuracy": (("answers", "char_accuracy"), +1),
+    "handwritten_exact_match": (("answers_handwritten", "exact_match"), +1),
     "final_loss": (("final_loss",), -1),
     "spikes": (("spikes",), -1),
     "tower_grad_norm_max": (("grad", "tower_grad_norm_max"), -1),

@@ -74,6 +74,7 @@ def primary_text(primary: Dict) -> str:
 
 
 NAMES = {"exact_match": "held-out exact match %", "char_accuracy": "held-out character accuracy %",
+         "handwritten_exact_match": "handwritten exact match %",
          "final_loss": "stage-2 final loss", "spikes": "loss spikes (count)",
          "tower_grad_norm_max": "tower grad norm, max", "tower_grad_norm_cv": "tower grad norm, CV",
          "rprobe_steps_to_threshold": "R-Probe steps to threshold", "rprobe_final_mse": "R-Probe final MSE"}
@@ -120,6 +121,7 @@ def tables(result: Dict) -> str:
                          f"{_ms(row['snr_gain_without_skip'], 2)} | "
                          f"{', '.join(_fmt(v) for v in row['trcov_ratio']['values'])} | "
                          f"{row['ratio_above_1']} / {row['cos_near_0']} / {row['snr_rises_without_skip']} |")
+    lines += damage_table(seeds)
     lines.append("\n### Gradient interference over training windows (shallowest group)\n")
     lines += ["| seed | arm | windows | tr(Cov) ratio: first → last (median) | cos: first → last | "
               "SNR main / SNR main+skip (median) |", "|---|---|---|---|---|---|"]
@@ -140,6 +142,29 @@ def tables(result: Dict) -> str:
                          f"({_fmt(stats.median(ratio))}) | {_fmt(cos[0], 2)} → {_fmt(cos[-1], 2)} | "
                          f"{_fmt(stats.median(sm), 2)} / {_fmt(stats.median(sf), 2)} |")
     return "\n".join(lines) + "\n"
+
+
+def damage_table(seeds) -> list:
+    """The damage probe per tower and tapped layer: the pretrained tower's score, each arm's change from it
+    (mean ± std over the seeds that ran it, then per seed). Described, not tested."""
+    rows = [s for s in seeds if s.get("damage_pretrained")]
+    if not rows:
+        return []
+    lines = ["\n### Mechanism: damage to the shallow blocks' features (linear probes on frozen features; "
+             "described)\n", "| layer | metric | pretrained tower | " + " | ".join(
+                 f"{SHORT[p]} − pretrained" for p in ARMS) + " | detached − naive, per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for layer in rows[0]["damage_pretrained"]:
+        for metric, name in (("glyph_accuracy", "glyph accuracy"), ("pixel_r2", "pixel R²")):
+            pretrained = stats.summary([s["damage_pretrained"][layer][metric] for s in rows])
+            change = {p: [None if not s["arms"][p].get("damage") or not s["arms"][p]["damage"]["vs_pretrained"]
+                          else s["arms"][p]["damage"]["vs_pretrained"][layer][metric] for s in rows] for p in ARMS}
+            paired = [None if a is None or b is None else b - a
+                      for a, b in zip(change["mlp_multilayer"], change["detached_mlp_multilayer"])]
+            lines.append(f"| {layer} | {name} | {_ms(pretrained)} | "
+                         + " | ".join(_ms(stats.summary(change[p])) for p in ARMS)
+                         + f" | {', '.join(_fmt(d) for d in paired)} |")
+    return lines
 
 
 def figures(result: Dict, out_dir: str) -> Dict[str, str]:

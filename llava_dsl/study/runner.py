@@ -159,8 +159,10 @@ def fixed_dir(output_dir: str, seed: int, point: str, projector: str) -> str:
 
 def seed_parts(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> Dict[str, str]:
     """The parts a seed changes: the LM's initial weights (the cached untrained LM re-initialised from the seed;
-    its tokenizer and config kept) and the held-out sample (rendered with ``plan.eval_data_seed(seed)``, strings
-    and font sizes the training split never contains). Built once, in the study's folder."""
+    its tokenizer and config kept) and the held-out samples (rendered with ``plan.eval_data_seed(seed)``, strings
+    and font sizes the training split never contains; and real handwritten digits composed into strings, which
+    the renderer never drew). Built once, in the study's folder."""
+    from llava_dsl.assets.handwritten import HandwrittenConfig, build as build_handwritten
     from llava_dsl.assets.ocr_data import OcrDataConfig, build as build_data
 
     out = os.path.join(units.output_dir, "parts", f"seed{seed}")
@@ -172,7 +174,16 @@ def seed_parts(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> Di
                                     num_finetune=16, num_heldout=16, num_textvqa=plan.eval_questions,
                                     num_ocrbench=8, content="digits", min_digits=plan.min_digits,
                                     max_digits=plan.max_digits))
-    return {**paths, "llm": lm_dir, "textvqa_dir": data["textvqa_dir"]}
+    handwritten = build_handwritten(os.path.join(out, "handwritten"), HandwrittenConfig(
+        count=plan.handwritten_questions, seed=plan.eval_data_seed(seed), image_size=plan.image_size,
+        min_digits=plan.min_digits, max_digits=plan.max_digits))
+    return {**paths, "llm": lm_dir, "textvqa_dir": data["textvqa_dir"], "handwritten_dir": handwritten["textvqa_dir"]}
+
+
+def eval_dir(output_dir: str, seed: int, projector: str, heldout: str = "rendered") -> str:
+    """Where an arm's answers to one held-out set go (``rendered`` or ``handwritten``)."""
+    name = SHORT[projector] if heldout == "rendered" else f"{SHORT[projector]}-{heldout}"
+    return os.path.join(output_dir, "eval", f"seed{seed}", name)
 
 
 def reseed_lm(source: str, seed: int, out_dir: str) -> None:
@@ -230,12 +241,14 @@ def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None
             name = f"seed{seed}-fixed-{point}" + ("" if point == "start" else f"-{SHORT[projector]}")
             units.run(name, [python, "-m", "llava_dsl.train"]
                       + fixed_theta_flags(plan, paths, projector, folder, seed, model, adapter), clear=[folder])
-    for projector in arms:
-        folder = os.path.join(out, "eval", f"seed{seed}", SHORT[projector])
-        units.run(f"seed{seed}-eval-{SHORT[projector]}",
-                  [python, "-m", "llava_dsl.evaluate", "textvqa", "--model-path", stage_dir(out, seed, projector, 2),
-                   "--data-dir", paths["textvqa_dir"], "--output-dir", folder, "--device", plan.device,
-                   "--dtype", "float32", "--max_new_tokens", str(plan.max_new_tokens), "--protocol", "plain"])
+    for heldout, data_dir in (("rendered", paths["textvqa_dir"]), ("handwritten", paths["handwritten_dir"])):
+        for projector in arms:
+            suffix = "" if heldout == "rendered" else f"-{heldout}"
+            units.run(f"seed{seed}-eval-{SHORT[projector]}{suffix}",
+                      [python, "-m", "llava_dsl.evaluate", "textvqa", "--model-path",
+                       stage_dir(out, seed, projector, 2), "--data-dir", data_dir, "--output-dir",
+                       eval_dir(out, seed, projector, heldout), "--device", plan.device, "--dtype", "float32",
+                       "--max_new_tokens", str(plan.max_new_tokens), "--protocol", "plain"])
     if not full:
         return
     probe_dir = os.path.join(out, "rprobe", f"seed{seed}")
@@ -248,3 +261,21 @@ def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None
                   "warmup-steps": max(1, plan.probe_steps // 10), "eval-every": plan.probe_eval_every,
                   "threshold-fraction": plan.probe_threshold_fraction, "seed": seed, "device": plan.device,
                   "cache-images": True, "grid-images": 4, "output-dir": probe_dir}))
+    mechanism_units(units, plan, paths, seed)
+
+
+def mechanism_units(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None:
+    """The mechanism on this seed's checkpoints, through ``python -m llava_dsl.probes``: *damage*, linear probes
+    (glyph identity, pixel R^2) on the frozen features of each tapped block of every arm's tower against the
+    pretrained tower, on the same renders (the probe's seed = the study seed)."""
+    out = units.output_dir
+    units.run(f"seed{seed}-damage",
+              [sys.executable, "-m", "llava_dsl.probes", "damage",
+               # the naive arm first: its main layer and taps are the layers probed in every tower
+               *[stage_dir(out, seed, p, 2) for p in ("mlp_multilayer", "detached_mlp_multilayer", "mlp2x_gelu")],
+               "--reference", paths["vision_tower"], "--seed", str(seed), "--device", plan.device,
+               "--output", damage_file(out, seed)])
+
+
+def damage_file(output_dir: str, seed: int) -> str:
+    return os.path.join(output_dir, "probes", f"seed{seed}", "damage.json")

@@ -1,5 +1,6 @@
 """The study's statistics: each test fails if the rule it checks is wrong (fast, no models)."""
 import math
+import os
 import random
 
 import pytest
@@ -149,3 +150,42 @@ def test_bad_plan_flags_name_the_value():
     # every arm gets one plan: the steps follow the scale, the regime is the searched one
     plan = make_plan(2)
     assert plan.stage2_steps == 2 * make_plan(1).stage2_steps and plan.fixed_theta_points == ("start", "mid", "end")
+
+
+def test_primary_analysis_pairs_questions_within_each_seed(tmp_path):
+    """Per-question answers of two arms as the evaluation runner writes them: the discordant counts, the CMH
+    test, the paired t and the verdict come out of the study's own reader (no models)."""
+    import json
+
+    from llava_dsl.study.analysis import collect_seed, summarise
+    from llava_dsl.study.plan import make_plan
+    from llava_dsl.study.runner import eval_dir
+
+    plan = make_plan(1, seeds=(0, 1, 2))
+    # per seed: (questions only naive reads, only detached reads, both read, neither); 100 questions each
+    design = {0: (2, 14, 30, 54), 1: (3, 15, 20, 62), 2: (1, 12, 25, 62)}
+    for seed, (b, c, both, neither) in design.items():
+        outcomes = [(True, False)] * b + [(False, True)] * c + [(True, True)] * both + [(False, False)] * neither
+        for arm, index in (("mlp_multilayer", 0), ("detached_mlp_multilayer", 1)):
+            folder = os.path.join(eval_dir(str(tmp_path), seed, arm), "textvqa")
+            os.makedirs(folder)
+            with open(os.path.join(folder, "scored.jsonl"), "w") as f:
+                for q, pair in enumerate(outcomes):
+                    truth = f"{q:04d}"
+                    # a reversed question order in one arm: pairing must go by question id, not by line
+                    row = {"question_id": q, "ground_truth": [truth] * 10,
+                           "prediction": f"{truth}." if pair[index] else "0"}
+                    f.write(json.dumps(row) + "\n")
+            if arm == "detached_mlp_multilayer":
+                with open(os.path.join(folder, "scored.jsonl")) as f:
+                    lines = f.readlines()
+                with open(os.path.join(folder, "scored.jsonl"), "w") as f:
+                    f.writelines(reversed(lines))
+    seeds = [collect_seed(str(tmp_path), plan, seed, {}) for seed in plan.seeds]
+    assert [s["discordant_naive_detached"] for s in seeds] == [{"b": b, "c": c} for b, c, _, _ in design.values()]
+    primary = summarise(seeds, plan)["primary"]
+    assert primary["differences"] == [pytest.approx(12.0), pytest.approx(12.0), pytest.approx(11.0)]
+    assert primary["cmh"]["statistic"] == pytest.approx((41 - 6) ** 2 / 47)
+    assert primary["p"] < 0.05 and primary["cmh"]["p"] < 0.05 and primary["verdict"] == "reproduces"
+    assert seeds[0]["arms"]["mlp_multilayer"]["answers"]["exact_match_wilson95"][0] < 32.0 < \
+        seeds[0]["arms"]["mlp_multilayer"]["answers"]["exact_match_wilson95"][1]
