@@ -243,8 +243,10 @@ def answer_id(model_id: str, key: Key, text: str) -> str:
     return hashlib.sha1(json.dumps([model_id, list(key), text]).encode("utf-8")).hexdigest()[:22]
 
 
-def generate_answers(args) -> Dict[str, int]:
-    """Answer the questions of chunk ``args.chunk_idx`` not yet in ``args.answers_file``; returns counts."""
+def generate_answers(args, loaded=None) -> Dict[str, int]:
+    """Answer the questions of chunk ``args.chunk_idx`` not yet in ``args.answers_file``; returns counts.
+
+    ``loaded``: what ``load_model`` returned, to answer with a model already in memory (e.g. with a probe's hook)."""
     questions = read_questions(os.path.expanduser(args.question_file))
     keys = keys_of(questions, "text")
     start, end = chunk_bounds(len(questions), args.num_chunks, args.chunk_idx)
@@ -269,7 +271,7 @@ def generate_answers(args) -> Dict[str, int]:
     from llava.mm_utils import process_images, tokenizer_image_token
     from PIL import Image
 
-    tokenizer, model, image_processor, model_name, dtype = load_model(
+    tokenizer, model, image_processor, model_name, dtype = loaded or load_model(
         args.model_path, args.model_base, args.device, args.dtype)
     conv_mode = args.conv_mode
     if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:

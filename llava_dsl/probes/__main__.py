@@ -72,9 +72,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: python -m llava_dsl.probes {{{'|'.join(COMMANDS)}}} ... (got {argv[:1] or 'nothing'})")
+    from llava_dsl.evaluate.generate import EvalInputError
+
     try:
         COMMANDS[argv[0]](argv[1:])
-    except ProbeError as error:
+    except (ProbeError, EvalInputError) as error:
         raise SystemExit(f"llava_dsl.probes {argv[0]}: {error}") from None
 
 
