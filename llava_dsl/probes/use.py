@@ -199,7 +199,9 @@ class _HFRunner:
     def _inputs(self, image, question: str):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.processor(images=image, text=prompt, return_tensors="pt").to(self.device)
+        inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        inputs.pop("token_type_ids", None)  # some tokenizers return it; Llava's generate refuses unused kwargs
+        return inputs.to(self.device)
 
     @torch.no_grad()
     def record_mean(self, images: List[str]) -> None:
