@@ -1,61 +1,55 @@
 """Detached Skip-Links injected into stock Hugging Face models (no fork of transformers, no ``llava`` import).
 
-The stop-gradient sits where a skip is *consumed*:
+The stop-gradient sits where a skip is *consumed*, which the model's family adapter (``families.py``) names:
 
-* Llava / LLaVA-NeXT: ``get_image_features`` concatenates ``hidden_states[l]`` for ``l`` in the list
-  ``config.vision_feature_layer``, in list order (CLS cropped per layer for the ``default`` strategy, or after the
-  concat in LLaVA-NeXT: the channel layout is the same), and feeds it to ``multi_modal_projector``. A forward
-  pre-hook on the projector detaches the channel slices of the detached taps. The vision tower's own outputs are
-  never detached: a block's output also feeds the next block, so detaching it would cut the main path too.
-* Qwen3-VL (DeepStack): block ``deepstack_visual_indexes[j]``'s output enters the language model through
-  ``visual.deepstack_merger_list[j]``; a forward pre-hook detaches that merger's input.
+* Llava / LLaVA-NeXT / VipLlava: ``get_image_features`` concatenates the listed hidden states in list order and
+  feeds them to ``multi_modal_projector``; a forward pre-hook on the projector detaches the channel slices of the
+  detached taps (VipLlava: before the projector's LayerNorm). The vision tower's own outputs are never detached: a
+  block's output also feeds the next block, so detaching it would cut the main path too.
+* Qwen3-VL (DeepStack): a forward pre-hook on ``visual.deepstack_merger_list[j]`` detaches that merger's input.
 
 Forward values are bit-identical to the model without the hook; only the backward differs.
 
 Layer indices follow LLaVA's hidden-state convention (``llava_dsl.LayerSpec``): 0 = embeddings, i = output of
-block i, negatives count from the end. For Qwen3-VL, ``deepstack_visual_indexes`` are 0-based block numbers, so
-DeepStack index ``k`` is hidden-state index ``k + 1``.
+block i, negatives count from the end.
+
+PEFT ``modules_to_save``: the hooks and the freeze act on the copy that trains. Applied before ``get_peft_model``,
+they follow the module into its copy when PEFT wraps it (a module-registration hook, installed by the first apply).
 """
 from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from llava_dsl import LayerSpec, LayerSpecError, resolve_layer_spec
+from llava_dsl.skip_links.layer_spec import LayerSpec, LayerSpecError, parse_layer_list, resolve_layer_spec
+
+from .families import (
+    ADAPTERS,
+    INNER_NAMES,
+    DSLError,
+    FamilyAdapter,
+    _absolute,
+    adapter_for,
+    is_modules_to_save_wrapper,
+    peft_original_parameters,
+    unwrap_model,
+)
 
 logger = logging.getLogger("llava_dsl.hf")
 
 CONFIG_KEY = "dsl_detach_layers"
 _STATE = "_llava_dsl_state"
-# outer class name -> (inner class name, family)
-SUPPORTED = {
-    "LlavaForConditionalGeneration": ("LlavaModel", "llava"),
-    "LlavaNextForConditionalGeneration": ("LlavaNextModel", "llava"),
-    "Qwen3VLForConditionalGeneration": ("Qwen3VLModel", "qwen3_vl"),
-}
-_INNER = {inner: family for inner, family in SUPPORTED.values()}
-SUPPORTED_NAMES = ", ".join(list(SUPPORTED) + list(_INNER))
-
-
-class DSLError(ValueError):
-    """A Detached Skip-Links request that does not fit the model (names the value, the expectation, the source)."""
+SUPPORTED = ADAPTERS  # class name -> family adapter (llava_dsl.hf.families)
 
 
 class DSLNotAppliedError(RuntimeError):
     """A model whose config asks for Detached Skip-Links is trained without the hook."""
-
-
-@dataclass
-class _Target:
-    outer: nn.Module
-    inner: nn.Module
-    family: str
-    config: object  # the multimodal config (LlavaConfig, LlavaNextConfig, Qwen3VLConfig)
 
 
 @dataclass
@@ -65,163 +59,70 @@ class DSLState:
     family: str
     spec: LayerSpec
     detach_layers: Tuple[int, ...]
+    freeze_unused: bool = True
     handles: list = field(default_factory=list)
-    frozen: List[str] = field(default_factory=list)  # parameter names this call set to requires_grad=False
+    frozen: List[str] = field(default_factory=list)  # module names this state set to requires_grad=False
     frozen_params: list = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------------------
-# Finding the parts of a model
-# --------------------------------------------------------------------------------------------------
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT / DDP / DeepSpeed / accelerate wrappers."""
-    for _ in range(8):
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PeftModel
-            model = model.get_base_model()
-        elif type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "DataParallel",
-                                      "FullyShardedDataParallel") and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
-    return model
-
-
-def _target(model: nn.Module) -> _Target:
-    base = unwrap_model(model)
-    for cls in type(base).__mro__:
-        if cls.__name__ in SUPPORTED:
-            inner_name, family = SUPPORTED[cls.__name__]
-            inner = getattr(base, "model", None)
-            if inner is None or not any(c.__name__ == inner_name for c in type(inner).__mro__):
-                raise DSLError(f"{type(base).__name__}: expected its .model to be a {inner_name} (the layout of "
-                               f"transformers >= 4.52); found {type(inner).__name__}")
-            return _Target(base, inner, family, base.config)
-        if cls.__name__ in _INNER:
-            return _Target(base, base, _INNER[cls.__name__], base.config)
-    raise DSLError(f"{type(base).__name__} is not supported by llava_dsl.hf.apply_detached_skip_links; supported "
-                   f"model classes: {SUPPORTED_NAMES}")
-
-
 def vision_tower(model: nn.Module) -> nn.Module:
-    """The vision tower module (Llava's ``vision_tower``, Qwen3-VL's ``visual``)."""
-    t = _target(model)
-    return t.inner.vision_tower if t.family == "llava" else t.inner.visual
-
-
-def _num_blocks(t: _Target) -> int:
-    vc = t.config.vision_config
-    return int(vc.depth if t.family == "qwen3_vl" else vc.num_hidden_layers)
-
-
-def _blocks(tower: nn.Module, num_blocks: int) -> Tuple[str, nn.ModuleList]:
-    for name, module in tower.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_blocks and \
-                (name.endswith("encoder.layers") or name.endswith("blocks") or name.endswith("layers")):
-            return name, module
-    raise DSLError(f"{type(tower).__name__}: found no list of {num_blocks} blocks (encoder.layers or blocks)")
+    """The vision tower that trains (Llava's ``vision_tower``, Qwen3-VL's ``visual``; PEFT's trained copy when the
+    tower is in ``modules_to_save``)."""
+    return adapter_for(model).tower()
 
 
 # --------------------------------------------------------------------------------------------------
 # Resolving which layers are tapped and detached
 # --------------------------------------------------------------------------------------------------
-def _abs(index: int, num_blocks: int, source: str) -> int:
-    value = index + num_blocks + 1 if index < 0 else index
-    if not 0 <= value <= num_blocks:
-        raise DSLError(f"{source}: layer {index} is out of range for a vision tower with {num_blocks} blocks "
-                       f"(hidden-state indices 0..{num_blocks}, or -{num_blocks + 1}..-1 from the end)")
-    return value
-
-
-def _as_list(value, source: str) -> List[int]:
-    if isinstance(value, str):
-        value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
+def _layer_spec(num_blocks: int, main, source: str, **choice) -> LayerSpec:
     try:
-        return [int(str(v).strip()) for v in value]
-    except (TypeError, ValueError):
-        raise DSLError(f"{source}={value!r}: expected a list of integer hidden-state indices such as [3, 1]") from None
-
-
-def _current_layers(t: _Target) -> Tuple[int, List[int]]:
-    """(main, taps in the order they feed the model) as non-negative hidden-state indices."""
-    n = _num_blocks(t)
-    if t.family == "qwen3_vl":
-        indexes = list(t.inner.visual.deepstack_visual_indexes)
-        return n, [i + 1 for i in indexes]
-    vfl = t.config.vision_feature_layer
-    if isinstance(vfl, int):
-        return _abs(vfl, n, f"config.vision_feature_layer={vfl}"), []
-    layers = [_abs(v, n, f"config.vision_feature_layer={list(vfl)}") for v in vfl]
-    return layers[0], layers[1:]
-
-
-def _spec_from(t: _Target, main: int, taps: Sequence[int], detach_depth, source: str) -> LayerSpec:
-    n = _num_blocks(t)
-    if not taps:
-        raise DSLError(f"{source}: a single feature layer ({main}) has no skip link to detach; Detached Skip-Links "
-                       f"need config.vision_feature_layer to be a list (main layer first, then the taps), e.g. "
-                       f"apply_detached_skip_links(model, skip_stride=...) or build the model with "
-                       f"llava_dsl.hf.dsl_llava_config(...)")
-    try:
-        return resolve_layer_spec(n, main, skip_layers=list(taps), detach_depth=detach_depth)
+        return resolve_layer_spec(num_blocks, main, **choice)
     except LayerSpecError as e:
         raise DSLError(f"{source}: {e}") from None
 
 
+def _spec_from(adapter: FamilyAdapter, main: int, taps: Sequence[int], detach_depth, source: str) -> LayerSpec:
+    if not taps:
+        raise DSLError(f"{source}: a single feature layer ({main}) has no skip link to detach; Detached Skip-Links "
+                       f"need the feature layers to be a list (main layer and taps), e.g. "
+                       f"apply_detached_skip_links(model, skip_stride=...) or build the model with "
+                       f"llava_dsl.hf.dsl_llava_config(...)")
+    return _layer_spec(adapter.num_blocks(), main, source, skip_layers=list(taps), detach_depth=detach_depth)
+
+
 def resolve(model: nn.Module, detach_layers=None, *, skip_layers=None, skip_stride=None, detach_depth=None,
             main_layer=None) -> Tuple[LayerSpec, Tuple[int, ...], Optional[List[int]]]:
-    """(spec, detached hidden-state indices deep-first, new vision_feature_layer list or None if unchanged)."""
-    t = _target(model)
-    n = _num_blocks(t)
-    main, taps = _current_layers(t)
-    new_vfl = None
-    choose_taps = skip_layers is not None or skip_stride is not None or main_layer is not None
-    if choose_taps:
+    """(spec, detached hidden-state indices deep-first, new feature-layer list or None if unchanged)."""
+    adapter = adapter_for(model)
+    n = adapter.num_blocks()
+    main, taps = adapter.feature_layers()
+    new_layers = None
+    if skip_layers is not None or skip_stride is not None or main_layer is not None:
         want_main = main if main_layer is None else main_layer
         source = (f"skip_layers={skip_layers!r}, skip_stride={skip_stride!r}, main_layer={want_main!r}, "
                   f"detach_depth={detach_depth!r}")
-        try:
-            spec = resolve_layer_spec(n, want_main, skip_layers=skip_layers, skip_stride=skip_stride,
-                                      detach_depth=detach_depth)
-        except LayerSpecError as e:
-            raise DSLError(f"{source}: {e}") from None
-        if t.family == "qwen3_vl":
-            if spec.main != main or sorted(spec.taps) != sorted(taps):
-                raise DSLError(
-                    f"{source}: Qwen3-VL's DeepStack taps are fixed by its mergers: main layer {main} (the last block) "
-                    f"and taps {sorted(taps, reverse=True)} (deepstack_visual_indexes "
-                    f"{list(t.inner.visual.deepstack_visual_indexes)} + 1); choose which of them to detach with "
-                    f"detach_layers or detach_depth")
-        else:
-            current = [main] + taps
-            wanted = list(spec.concat_order)
-            if wanted != current:
-                proj_in = t.inner.multi_modal_projector.linear_1.in_features
-                hidden = t.config.vision_config.hidden_size
-                if proj_in != hidden * len(wanted):
-                    raise DSLError(
-                        f"{source}: the layers {wanted} need a projector input of {len(wanted)} x {hidden} = "
-                        f"{len(wanted) * hidden} channels, but multi_modal_projector.linear_1 takes {proj_in} "
-                        f"(config.vision_feature_layer={t.config.vision_feature_layer!r}, {proj_in // hidden} layers); "
-                        f"build a fresh model from llava_dsl.hf.dsl_llava_config(...) instead")
-                new_vfl = wanted
-                main, taps = spec.main, list(spec.taps)
+        spec = _layer_spec(n, want_main, source, skip_layers=skip_layers, skip_stride=skip_stride,
+                           detach_depth=detach_depth)
+        new_layers = adapter.new_feature_layers(spec, source)
+        if new_layers is not None:
+            main, taps = spec.main, list(spec.taps)
     else:
-        source = f"config.vision_feature_layer={getattr(t.config, 'vision_feature_layer', None)!r}"
-        if t.family == "qwen3_vl":
-            source = (f"Qwen3-VL deepstack_visual_indexes={list(t.inner.visual.deepstack_visual_indexes)} "
-                      f"(hidden-state indices {taps})")
-        spec = _spec_from(t, main, taps, detach_depth if detach_layers is None else None, source)
+        spec = _spec_from(adapter, main, taps, detach_depth if detach_layers is None else None, adapter.layer_source())
 
     if detach_layers is not None:
         source = f"detach_layers={list(detach_layers) if not isinstance(detach_layers, str) else detach_layers!r}"
-        wanted = [_abs(v, n, source) for v in _as_list(detach_layers, "detach_layers")]
+        try:
+            listed = parse_layer_list(detach_layers, "detach_layers")
+        except LayerSpecError as e:
+            raise DSLError(str(e)) from None
+        wanted = [_absolute(v, n, "detach_layers", detach_layers) for v in listed]
         if len(set(wanted)) != len(wanted):
             raise DSLError(f"{source}: duplicate layers (resolved against {n} blocks: {wanted})")
         for layer in wanted:
             if layer == main:
-                raise DSLError(f"{source}: layer {layer} is the main layer (the first of the feature layers "
-                               f"{[main] + taps}); detaching it would cut the main path. Expected a subset of the "
-                               f"taps {taps}")
+                raise DSLError(f"{source}: layer {layer} is the main layer of the feature layers {[main] + taps} "
+                               f"({adapter.layer_source()}); detaching it would cut the main path. Expected a "
+                               f"subset of the taps {taps}")
             if layer not in taps:
                 raise DSLError(f"{source}: layer {layer} is not a tapped layer; expected a subset of the taps "
                                f"{taps} (feature layers {[main] + taps}, hidden-state indices, 0 = embeddings)")
@@ -230,25 +131,25 @@ def resolve(model: nn.Module, detach_layers=None, *, skip_layers=None, skip_stri
         detached = tuple(sorted(wanted, reverse=True))
     else:
         detached = tuple(spec.detached_layers)
-    return spec, detached, new_vfl
+    return spec, detached, new_layers
 
 
 # --------------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------------
-def _projector_hook(hidden: int, num_layers: int, positions: Tuple[int, ...]):
+def _slice_hook(width: int, count: int, positions: Tuple[int, ...]):
     positions = frozenset(positions)
 
     def hook(module, args):
         if not args:
-            raise DSLError("multi_modal_projector was called without a positional input; the Detached Skip-Links "
-                           "hook expects the concatenated vision features as its first argument")
+            raise DSLError(f"{type(module).__name__} was called without a positional input; the Detached Skip-Links "
+                           f"hook expects the concatenated vision features as its first argument")
         x = args[0]
-        if x.shape[-1] != hidden * num_layers:
-            raise DSLError(f"multi_modal_projector input has {x.shape[-1]} channels, but the Detached Skip-Links hook "
-                           f"was set up for {num_layers} layers x {hidden}; was vision_feature_layer changed (in the "
+        if x.shape[-1] != width * count:
+            raise DSLError(f"{type(module).__name__} input has {x.shape[-1]} channels, but the Detached Skip-Links "
+                           f"hook was set up for {count} layers x {width}; were the feature layers changed (in the "
                            f"config or as a forward argument) after apply_detached_skip_links? Re-apply it.")
-        pieces = list(x.split(hidden, dim=-1))
+        pieces = list(x.split(width, dim=-1))
         for p in positions:
             pieces[p] = pieces[p].detach()
         return (torch.cat(pieces, dim=-1),) + tuple(args[1:])
@@ -260,30 +161,59 @@ def _detach_input_hook(module, args):
     return (args[0].detach(),) + tuple(args[1:])
 
 
-def _unused_modules(t: _Target, spec_main: int, layers: Sequence[int]) -> List[Tuple[str, nn.Module]]:
-    """Tower modules no loss can reach: blocks deeper than the deepest feature layer, and Llava's post_layernorm
-    (the pooled output is never used)."""
-    if t.family != "llava":
-        return []
-    tower = t.inner.vision_tower
-    n = _num_blocks(t)
-    deepest = max(layers)
-    prefix = "model.vision_tower." if t.outer is not t.inner else "vision_tower."
-    name, blocks = _blocks(tower, n)
-    out = [(f"{prefix}{name}.{i}", blocks[i]) for i in range(deepest, n)]
-    for child_name in ("post_layernorm", "head"):
-        for mod_name, module in tower.named_modules():
-            if mod_name.split(".")[-1] == child_name:
-                out.append((prefix + mod_name, module))
-    return out
+def _attach(adapter: FamilyAdapter, state: DSLState) -> None:
+    """Hooks at the adapter's detach points and the freeze of what no loss reaches, on the modules that train."""
+    for point in adapter.detach_points(state.detach_layers):
+        hook = _detach_input_hook if point.positions is None else \
+            _slice_hook(point.width, point.count, point.positions)
+        state.handles.append(point.module.register_forward_pre_hook(hook))
+    if not state.freeze_unused:
+        return
+    names = {id(m): name for name, m in adapter.outer.named_modules()}
+    frozen = []
+    for module in adapter.unused_modules():
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            frozen.append(names.get(id(module), type(module).__name__))
+            for p in params:
+                p.requires_grad_(False)
+                state.frozen_params.append(p)
+    state.frozen += frozen
+    if frozen:
+        main, taps = adapter.feature_layers()
+        logger.warning("llava_dsl.hf: froze %d vision-tower module(s) that no loss reaches (feature layers %s of a "
+                       "%d-block tower; DDP fails on parameters without gradient): %s", len(frozen),
+                       sorted([main] + taps, reverse=True), adapter.num_blocks(), ", ".join(frozen))
+
+
+def _detach_hooks(root: nn.Module, state: DSLState) -> None:
+    """Remove the state's hooks, also from deep copies of hooked modules (PEFT's ``modules_to_save`` copies carry
+    the hook dict entries, under the same ids)."""
+    ids = {handle.id for handle in state.handles}
+    for handle in state.handles:
+        handle.remove()
+    state.handles = []
+    if ids:
+        for module in root.modules():
+            for hook_id in ids:
+                module._forward_pre_hooks.pop(hook_id, None)
+
+
+def _unfreeze(root: nn.Module, state: DSLState) -> None:
+    """Unfreeze what the state froze, except a PEFT original (PEFT keeps it frozen: its copy trains)."""
+    originals = peft_original_parameters(root)
+    for p in state.frozen_params:
+        if id(p) not in originals:
+            p.requires_grad_(True)
+    state.frozen_params, state.frozen = [], []
 
 
 def is_applied(model: nn.Module) -> bool:
-    return getattr(_target(model).inner, _STATE, None) is not None
+    return adapter_for(model).inner.__dict__.get(_STATE) is not None
 
 
 def dsl_state(model: nn.Module) -> Optional[DSLState]:
-    return getattr(_target(model).inner, _STATE, None)
+    return adapter_for(model).inner.__dict__.get(_STATE)
 
 
 def apply_detached_skip_links(model: nn.Module, detach_layers: Optional[Sequence[int]] = None, *,
@@ -292,78 +222,78 @@ def apply_detached_skip_links(model: nn.Module, detach_layers: Optional[Sequence
     """Inject Detached Skip-Links into a stock model (in place; returns it).
 
     ``detach_layers``: hidden-state indices (LLaVA indexing) of the taps to detach; each must be one of the taps in
-    ``config.vision_feature_layer`` (list, main layer first), never the main layer. ``skip_layers`` /
-    ``skip_stride`` / ``main_layer``: choose the taps with the LLaVA-1.5 plugin's rules (they set
-    ``config.vision_feature_layer`` to main + taps deep-first, when the projector's width fits). ``detach_depth``:
-    detach that many of the shallowest taps. With no argument: the config's ``dsl_detach_layers`` (re-apply after
+    the model's feature layers (Llava: ``config.vision_feature_layer``, main layer first), never the main layer.
+    ``skip_layers`` / ``skip_stride`` / ``main_layer``: choose the taps with the LLaVA-1.5 plugin's rules (they set
+    the feature-layer list to main + taps deep-first, when the projector's width fits). ``detach_depth``: detach
+    that many of the shallowest taps. With no argument: the config's ``dsl_detach_layers`` (re-apply after
     ``from_pretrained``), else the default depth (the taps in the first half of the tower).
 
     The choice is written to ``config.dsl_detach_layers``, so ``save_pretrained`` keeps it. With
     ``freeze_unused``, tower modules no loss can reach (blocks deeper than the deepest feature layer,
     ``post_layernorm``) are frozen, which DDP needs; one log line names them.
     """
-    t = _target(model)
+    adapter = adapter_for(model)
     if detach_layers is None and skip_layers is None and skip_stride is None and detach_depth is None \
-            and main_layer is None and getattr(t.config, CONFIG_KEY, None) is not None:
-        detach_layers = list(getattr(t.config, CONFIG_KEY))
-    spec, detached, new_vfl = resolve(model, detach_layers, skip_layers=skip_layers, skip_stride=skip_stride,
-                                      detach_depth=detach_depth, main_layer=main_layer)
+            and main_layer is None and getattr(adapter.config, CONFIG_KEY, None) is not None:
+        detach_layers = list(getattr(adapter.config, CONFIG_KEY))
+    spec, detached, new_layers = resolve(model, detach_layers, skip_layers=skip_layers, skip_stride=skip_stride,
+                                         detach_depth=detach_depth, main_layer=main_layer)
     if is_applied(model):
         remove_detached_skip_links(model, keep_config=True)
-    if new_vfl is not None:
-        t.config.vision_feature_layer = list(new_vfl)
-    main, taps = _current_layers(t)
-    state = DSLState(family=t.family, spec=spec, detach_layers=detached)
-    if t.family == "llava":
-        layers = [main] + taps
-        hidden = t.config.vision_config.hidden_size
-        proj_in = t.inner.multi_modal_projector.linear_1.in_features
-        if proj_in != hidden * len(layers):
-            raise DSLError(f"config.vision_feature_layer={t.config.vision_feature_layer!r} is {len(layers)} layers x "
-                           f"{hidden} = {hidden * len(layers)} channels, but multi_modal_projector.linear_1 takes "
-                           f"{proj_in}; the projector and the config disagree")
-        positions = tuple(i for i, layer in enumerate(layers) if layer in detached)
-        if detached:
-            state.handles.append(t.inner.multi_modal_projector.register_forward_pre_hook(
-                _projector_hook(hidden, len(layers), positions)))
-        unused = _unused_modules(t, main, layers) if freeze_unused else []
-    else:
-        layers = [main] + taps
-        for j, layer in enumerate(taps):
-            if layer in detached:
-                state.handles.append(t.inner.visual.deepstack_merger_list[j].register_forward_pre_hook(_detach_input_hook))
-        unused = []
-    frozen_modules = []
-    for name, module in unused:
-        params = [p for p in module.parameters() if p.requires_grad]
-        if params:
-            frozen_modules.append(name)
-            for p in params:
-                p.requires_grad_(False)
-                state.frozen_params.append(p)
-    state.frozen = frozen_modules
-    if frozen_modules:
-        logger.warning("llava_dsl.hf: froze %d vision-tower module(s) that no loss reaches (feature layers %s of a "
-                       "%d-block tower; DDP fails on parameters without gradient): %s", len(frozen_modules), layers,
-                       _num_blocks(t), ", ".join(frozen_modules))
-    setattr(t.config, CONFIG_KEY, list(detached))
-    t.inner.__dict__[_STATE] = state
+    if new_layers is not None:
+        adapter.set_feature_layers(new_layers)
+    state = DSLState(family=type(adapter).__name__, spec=spec, detach_layers=detached, freeze_unused=freeze_unused)
+    _attach(adapter, state)
+    setattr(adapter.config, CONFIG_KEY, list(detached))
+    adapter.inner.__dict__[_STATE] = state
+    _APPLIED.add(adapter.inner)
+    _install_peft_follow()
     return model
 
 
 def remove_detached_skip_links(model: nn.Module, keep_config: bool = False) -> nn.Module:
     """Remove the hooks, unfreeze what ``apply_detached_skip_links`` froze, and clear ``config.dsl_detach_layers``
     (the model is then naive multi-layer fusion, also after saving)."""
-    t = _target(model)
-    state = t.inner.__dict__.pop(_STATE, None)
+    adapter = adapter_for(model)
+    state = adapter.inner.__dict__.pop(_STATE, None)
     if state is not None:
-        for handle in state.handles:
-            handle.remove()
-        for p in state.frozen_params:
-            p.requires_grad_(True)
-    if not keep_config and hasattr(t.config, CONFIG_KEY):
-        setattr(t.config, CONFIG_KEY, None)
+        _detach_hooks(adapter.inner, state)
+        _unfreeze(adapter.inner, state)
+    _APPLIED.discard(adapter.inner)
+    if not keep_config and hasattr(adapter.config, CONFIG_KEY):
+        setattr(adapter.config, CONFIG_KEY, None)
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT modules_to_save applied after apply_detached_skip_links: the state follows into the trained copy
+# --------------------------------------------------------------------------------------------------
+_APPLIED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # inner models that carry a state
+_FOLLOW_HANDLE = None
+
+
+def _follow_into_peft_copy(parent: nn.Module, name: str, module):
+    """A module-registration hook: when PEFT sets a ``ModulesToSaveWrapper`` on a model with a state, the wrapper's
+    copy (a deep copy, made trainable whole) gets the hooks and the freeze; the original keeps neither."""
+    if module is None or not _APPLIED or not is_modules_to_save_wrapper(module):
+        return None
+    for inner in list(_APPLIED):
+        state = inner.__dict__.get(_STATE)
+        if state is None or not any(parent is m for m in inner.modules()):
+            continue
+        parent._modules[name] = module  # torch stores it right after this hook; the state needs it in place now
+        _detach_hooks(inner, state)
+        originals = peft_original_parameters(inner)
+        state.frozen_params = [p for p in state.frozen_params if id(p) not in originals]
+        state.frozen = []
+        _attach(adapter_for(inner), state)
+    return None
+
+
+def _install_peft_follow() -> None:
+    global _FOLLOW_HANDLE
+    if _FOLLOW_HANDLE is None:
+        _FOLLOW_HANDLE = torch.nn.modules.module.register_module_module_registration_hook(_follow_into_peft_copy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,7 +303,8 @@ _GUARD_HANDLE = None
 
 
 def _guard(module, args):
-    if type(module).__name__ not in _INNER and not any(c.__name__ in _INNER for c in type(module).__mro__[1:]):
+    if type(module).__name__ not in INNER_NAMES and \
+            not any(c.__name__ in INNER_NAMES for c in type(module).__mro__[1:]):
         return None
     if not module.training or not torch.is_grad_enabled():
         return None
@@ -400,16 +331,16 @@ def install_guard(enabled: bool = True) -> None:
 # --------------------------------------------------------------------------------------------------
 # Helpers: the tower's own learning rate, LoRA outside the tower, a fresh config with the right list
 # --------------------------------------------------------------------------------------------------
+def _ids(modules) -> set:
+    return {id(m) for root in modules for m in root.modules()}
+
+
 def tower_parameter_names(model: nn.Module) -> List[str]:
-    """Names (as ``model.named_parameters()`` gives them, wrappers included) of the vision tower's parameters.
-    Qwen3-VL's mergers (``merger``, ``deepstack_merger_list``) count as projector, not tower."""
-    t = _target(model)
-    tower = vision_tower(model)
-    ids = set()
-    for name, p in tower.named_parameters():
-        if t.family == "qwen3_vl" and (name.startswith("merger.") or name.startswith("deepstack_merger_list.")):
-            continue
-        ids.add(id(p))
+    """Names (as ``model.named_parameters()`` gives them, wrappers included) of the trained vision tower's parameters;
+    what the family adapter counts as projector (Qwen3-VL's mergers) is not tower."""
+    adapter = adapter_for(model)
+    projector = {id(p) for root in adapter.projector_roots() for p in root.parameters()}
+    ids = {id(p) for p in adapter.tower().parameters() if id(p) not in projector}
     return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
@@ -464,27 +395,17 @@ def lora_target_modules(model: nn.Module, names: Sequence[str] = _LM_LINEAR, inc
     in ``names`` (and the projector's Linears with ``include_projector``), never a module of the vision tower.
     Full names, so PEFT's suffix match cannot reach the tower's ``q_proj``/``k_proj``... of the same name."""
     base = unwrap_model(model)
-    t = _target(base)
-    tower = vision_tower(base)
-    tower_ids = {id(m) for m in tower.modules()}
-    if t.family == "qwen3_vl":  # the mergers are the projector
-        tower_ids -= {id(m) for m in t.inner.visual.merger.modules()}
-        tower_ids -= {id(m) for m in t.inner.visual.deepstack_merger_list.modules()}
-    projector = t.inner.multi_modal_projector if t.family == "llava" else None
-    proj_ids = set() if projector is None else {id(m) for m in projector.modules()}
+    adapter = adapter_for(base)
+    projector_ids = _ids(adapter.projector_roots())
+    tower_ids = _ids([adapter.tower_root()])
     out = []
     for name, module in base.named_modules():
-        if not isinstance(module, nn.Linear) or id(module) in tower_ids:
+        if not isinstance(module, nn.Linear):
             continue
-        if t.family == "qwen3_vl" and name.startswith(("model.visual.", "visual.")):
+        if id(module) in projector_ids:
             if include_projector:
                 out.append(name)
-            continue
-        if id(module) in proj_ids:
-            if include_projector:
-                out.append(name)
-            continue
-        if name.split(".")[-1] in names:
+        elif id(module) not in tower_ids and name.split(".")[-1] in names:
             out.append(name)
     if not out:
         raise DSLError(f"{type(base).__name__}: no language-model Linear named {list(names)} found for LoRA")

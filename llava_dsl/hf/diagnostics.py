@@ -31,7 +31,8 @@ from llava_dsl.diagnostics.callback import GradStatsCallback
 from llava_dsl.diagnostics.callback import check_grad_stats_flags as _check_grad_stats_flags
 from llava_dsl.diagnostics.splitter import GradientSplitter, vision_transformer
 
-from .core import DSLError, _current_layers, _num_blocks, _target, dsl_state
+from .core import dsl_state
+from .families import ADAPTERS, DSLError, adapter_for
 
 
 @dataclass(frozen=True)
@@ -39,49 +40,36 @@ class FeatureLayout:
     """The projector input's layers, as the splitter and the statistics file read them (LayerSpec's fields)."""
 
     num_blocks: int
-    concat_order: Tuple[int, ...]  # transformers' order: config.vision_feature_layer, main first
+    concat_order: Tuple[int, ...]  # the projector input's order (the model's feature-layer list)
     detached_layers: Tuple[int, ...]
-
-    @property
-    def main(self) -> int:
-        return self.concat_order[0]
+    main: int  # the family adapter's main layer (Llava: the list's first; VipLlava: its deepest)
 
     @property
     def taps(self) -> Tuple[int, ...]:
-        return self.concat_order[1:]
-
-
-def _active(module: nn.Module) -> nn.Module:
-    """The module that runs inside a PEFT ``modules_to_save`` wrapper (the trained copy), else ``module``."""
-    copies = getattr(module, "modules_to_save", None)
-    if isinstance(copies, nn.ModuleDict) and hasattr(module, "original_module"):
-        active = getattr(module, "active_adapter", None)
-        active = active if isinstance(active, str) else next(iter(active), None) if active else None
-        if active in copies:
-            return copies[active]
-    return module
+        return tuple(layer for layer in self.concat_order if layer != self.main)
 
 
 def feature_layout(model: nn.Module) -> Tuple[nn.Module, nn.Module, FeatureLayout]:
-    """(CLIP vision model, projector, layout) of a stock Llava / LLaVA-NeXT model (PEFT / DDP / DeepSpeed wrapped
-    or not); a clear error for anything else."""
-    t = _target(model)
-    if t.family != "llava":
-        raise DSLError(f"{type(t.outer).__name__}: the gradient diagnostics split the projector input into per-layer "
-                       f"channel slices; Qwen3-VL feeds its DeepStack taps through separate mergers and is not "
-                       f"supported (supported: Llava and LLaVA-NeXT with a CLIP vision tower)")
-    main, taps = _current_layers(t)
+    """(CLIP vision model, projector, layout) of a stock model whose projector reads channel slices (Llava,
+    LLaVA-NeXT, VipLlava; PEFT / DDP / DeepSpeed wrapped or not: the modules that train); a clear error otherwise."""
+    adapter = adapter_for(model)
+    if not adapter.channel_slices:
+        supported = ", ".join(name for name, family in ADAPTERS.items() if family.channel_slices)
+        raise DSLError(f"{adapter.name}: the gradient diagnostics split the projector input into per-layer channel "
+                       f"slices; {adapter.no_channel_slices} (supported: {supported}, with a CLIP vision tower)")
+    main, taps = adapter.feature_layers()
     if not taps:
-        raise DSLError(f"config.vision_feature_layer={t.config.vision_feature_layer!r}: a single feature layer has "
-                       f"no skip part to measure; expected a list (main layer first, then the taps)")
-    clip = _active(t.inner.vision_tower)
+        raise DSLError(f"{adapter.layer_source()}: a single feature layer has no skip part to measure; expected a "
+                       f"list (main layer and taps)")
+    clip = adapter.tower()
     try:
         vision_transformer(clip)
     except TypeError as e:
-        raise DSLError(f"{e} (model.vision_tower of {type(t.outer).__name__})") from None
+        raise DSLError(f"{e} (the vision tower of {adapter.name})") from None
     state = dsl_state(model)
     detached = tuple(state.detach_layers) if state is not None else ()
-    return clip, _active(t.inner.multi_modal_projector), FeatureLayout(_num_blocks(t), (main, *taps), detached)
+    layout = FeatureLayout(adapter.num_blocks(), tuple(adapter.listed_layers()), detached, main)
+    return clip, adapter.projector(), layout
 
 
 def check_grad_stats_flags(every: int, dense_steps: int, window: int) -> bool:

@@ -106,13 +106,13 @@ def copy_differences(probe: HFRProbe, language_model: nn.Module) -> Dict[str, fl
 # Tokens and targets from a stock Llava model
 # --------------------------------------------------------------------------------------------------
 def _llava(model):
-    from .core import DSLError, _target
+    from .families import ADAPTERS, DSLError, adapter_for
 
-    t = _target(model)
-    if t.family != "llava" or "Next" in type(t.inner).__name__:
-        raise DSLError(f"{type(t.outer).__name__}: R-Probe maps each visual token to one square image region; "
-                       f"only LlavaForConditionalGeneration (one fixed-size image, a token per patch) fits. "
-                       f"LLaVA-NeXT's anyres tiles and Qwen3-VL's merged patches do not")
+    t = adapter_for(model)
+    if not t.token_per_patch:
+        fits = ", ".join(name for name, family in ADAPTERS.items() if family.token_per_patch)
+        raise DSLError(f"{t.name}: R-Probe maps each visual token to one square image region; only {fits} (one "
+                       f"fixed-size image, a token per patch) fits: {t.no_token_per_patch}")
     return t
 
 

@@ -96,12 +96,13 @@ def check_arguments(dsl: DSLArguments, args) -> None:
 
 
 def _layers(value, flag):
-    if value is None:
-        return None
+    from llava_dsl.skip_links.layer_spec import LayerSpecError, parse_layer_list
+
     try:
-        return [int(v) for v in str(value).strip("[]() ").split(",") if v.strip()]
-    except ValueError:
-        _fail(f"{flag}={value!r}: expected a comma-separated list of integer layers such as '12,6'")
+        layers = parse_layer_list(value, flag)
+    except LayerSpecError as e:
+        _fail(str(e))
+    return None if layers is None else list(layers)
 
 
 def resolve_checkpoint(value, args):
@@ -215,7 +216,8 @@ def build_model(dsl: DSLArguments, args, weights_from=None):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from .core import DSLError, apply_detached_skip_links, remove_detached_skip_links, vision_tower
+    from .core import DSLError, apply_detached_skip_links, remove_detached_skip_links
+    from .families import adapter_for
 
     kwargs = {}
     if dsl.attn_implementation:
@@ -226,7 +228,10 @@ def build_model(dsl: DSLArguments, args, weights_from=None):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForImageTextToText.from_pretrained(weights_from or dsl.model_name_or_path, **kwargs)
-    tower_name = "visual" if hasattr(model.model, "visual") else "vision_tower"
+    try:
+        adapter = adapter_for(model)
+    except DSLError as e:
+        _fail(f"{e} (model {dsl.model_name_or_path!r})")
     if dsl.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -236,15 +241,13 @@ def build_model(dsl: DSLArguments, args, weights_from=None):
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-        save = ["multi_modal_projector"] if tower_name == "vision_tower" else []
-        if not dsl.freeze_vision_tower:
-            save.append(tower_name)
+        save = adapter.modules_to_save(train_tower=not dsl.freeze_vision_tower)
         config = LoraConfig(r=dsl.lora_r, lora_alpha=dsl.lora_alpha, lora_dropout=dsl.lora_dropout,
                             target_modules=lora_target_modules(model), modules_to_save=save or None,
                             task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, config)  # the tower trains as PEFT's copy; the apply below acts on that copy
     else:
-        vision_tower(model).requires_grad_(not dsl.freeze_vision_tower)
+        adapter.tower().requires_grad_(not dsl.freeze_vision_tower)
     try:
         if dsl.dsl_off:
             remove_detached_skip_links(model)

@@ -1,6 +1,6 @@
 """Tiny random stock models, a word-level tokenizer and a processor, built locally (no hub): for tests and docs.
 
-    python -m llava_dsl.hf.tiny OUT_DIR [--family llava|llava_next|qwen3_vl]   # a from_pretrained folder
+    python -m llava_dsl.hf.tiny OUT_DIR [--vision_feature_layer 4,3,1] [--num_blocks 4]   # a from_pretrained folder
 """
 from __future__ import annotations
 
@@ -84,6 +84,21 @@ def tiny_llava(vision_feature_layer=(4, 3, 1), family="llava", num_blocks=4, see
     return model
 
 
+def tiny_vipllava(vision_feature_layers=(1, 4, 3), num_blocks=4, seed=0):
+    """A random ``VipLlavaForConditionalGeneration`` (fp32, eager attention). The default list does not start with
+    its deepest layer: VipLlava's main layer is the deepest listed one, wherever it stands."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    config = VipLlavaConfig(vision_config=_clip_config(num_blocks), text_config=_llama_config(len(tiny_tokenizer())),
+                            vision_feature_layers=list(vision_feature_layers), image_seq_length=16,
+                            image_token_index=SPECIALS.index("<image>"), projector_hidden_act="gelu")
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = VipLlavaForConditionalGeneration(config)
+    model.eval()
+    return model
+
+
 def tiny_qwen3_vl(deepstack=(0, 1, 2), depth=4, seed=0):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -111,7 +126,7 @@ def llava_inputs(model, batch=2, seq_text=6, seed=1):
     """input_ids with <image> expanded, pixel_values, labels (for a forward/backward test)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    n_img = 16 if cfg.vision_feature_select_strategy == "default" else 17
+    n_img = 16 if getattr(cfg, "vision_feature_select_strategy", "default") == "default" else 17  # VipLlava crops CLS
     image = torch.full((batch, n_img), cfg.image_token_index)
     text = torch.randint(7, cfg.text_config.vocab_size, (batch, seq_text), generator=g)
     ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)

@@ -1,5 +1,6 @@
-"""llava_dsl.hf on tiny stock models: forward values unchanged, the exact gradient decomposition on the shallow tower
-blocks, config persistence and re-apply, the guard, PEFT in both orders, the unused-module freeze, errors."""
+"""llava_dsl.hf on tiny stock models (Llava, LLaVA-NeXT, VipLlava, Qwen3-VL): forward values unchanged, the exact
+gradient decomposition on the shallow tower blocks, config persistence and re-apply, the guard, PEFT in both orders,
+the unused-module freeze, errors."""
 import logging
 
 import pytest
@@ -17,15 +18,18 @@ from llava_dsl.hf import (
     tower_param_groups,
     tower_parameter_names,
 )
-from llava_dsl.hf.tiny import llava_inputs, qwen3_vl_inputs, tiny_llava, tiny_qwen3_vl
+from llava_dsl.hf.tiny import llava_inputs, qwen3_vl_inputs, tiny_llava, tiny_qwen3_vl, tiny_vipllava
 
-FAMILIES = ["llava", "llava_next", "qwen3_vl"]
+FAMILIES = ["llava", "llava_next", "vipllava", "qwen3_vl"]
 
 
 def build(family, **kwargs):
     if family == "qwen3_vl":
         model = tiny_qwen3_vl(**kwargs)
         return model, qwen3_vl_inputs(model), "model.visual.blocks."
+    if family == "vipllava":  # feature layers [1, 4, 3]: the main layer (the deepest, 4) is not listed first
+        model = tiny_vipllava(**kwargs)
+        return model, llava_inputs(model), "model.vision_tower."
     model = tiny_llava(family=family, **kwargs)
     return model, llava_inputs(model), "model.vision_tower."
 
