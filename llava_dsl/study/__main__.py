@@ -25,7 +25,7 @@ from llava_dsl.checkpointing.atomic import atomic_write_text
 from llava_dsl.demo.stage_flags import claim_output_dir
 from llava_dsl.study.plan import DEFAULT_SCALE, DEFAULT_SEEDS, FULL_SEEDS, QUICK, Plan, PlanError, make_plan, \
     parse_seeds
-from llava_dsl.study.runner import MARKER, StudyError, Units, run_seed, say
+from llava_dsl.study.runner import MARKER, StudyError, Units, run_seed, say, seed_parts
 
 
 def build_paths(output_dir: str, plan: Plan, assets_root: Optional[str], override: Dict[str, Optional[str]]) -> Dict:
@@ -68,7 +68,8 @@ def check_output_dir(output_dir: str, plan: Plan) -> Plan:
         # more seeds may be added to a finished study; anything else must match
         same = {k: v for k, v in recorded.items() if k != "seeds"} == {k: v for k, v in wanted.items() if k != "seeds"}
         if not same:
-            changed = sorted(k for k in set(recorded) | set(wanted) if k != "seeds" and recorded.get(k) != wanted.get(k))
+            changed = sorted(k for k in set(recorded) | set(wanted)
+                             if k != "seeds" and recorded.get(k) != wanted.get(k))
             raise StudyError(f"--output_dir {output_dir} holds a study with another plan (differs in "
                              f"{', '.join(f'{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}' for k in changed)}); "
                              f"use a new --output_dir to run this one")
@@ -98,13 +99,16 @@ def run_study(output_dir: str, plan: Plan, jobs: int, assets_root, override) -> 
     paths = load_paths(output_dir, plan, assets_root, override)
     say(f"plan: {plan.to_json()}; running seeds {list(wanted)}")
     units = Units(output_dir, plan.device)
+    # the seeds' own parts (LM initialisation, held-out sets) are built here, before the threads: importing
+    # transformers from two threads at once can fail in its lazy module
+    parts = {seed: seed_parts(units, plan, paths, seed) for seed in wanted}
     errors = []
     report_lock = threading.Lock()
 
     def worker(seeds: Sequence[int]) -> None:
         for seed in seeds:
             try:
-                run_seed(units, plan, paths, seed)
+                run_seed(units, plan, parts[seed], seed)
             except Exception as error:  # noqa: BLE001 - reported below with the seed, the others go on
                 errors.append((seed, error))
                 say(f"seed {seed} stopped: {error}")

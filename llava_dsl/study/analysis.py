@@ -5,9 +5,10 @@ Primary endpoint: held-out exact match, detached - naive, paired by seed. "repro
 seeds and the Cochran-Mantel-Haenszel test on per-question outcomes stratified by seed both reject at alpha 0.05
 (two-sided) with detached better, "contradicts" when both reject with detached worse, "inconclusive" otherwise,
 always with the t-interval and the smallest effect the run could have detected at 80 % power. Secondary metrics
-(character accuracy, exact match on handwritten digits, final loss, spikes, tower gradient norm, R-Probe): a paired t each, Holm-corrected over the
-secondary family, labelled secondary; they decide no claim. Gradient statistics describe one model, not a
-difference: they are described (on the paper's side in k of n seeds), never judged.
+(character accuracy, exact match on handwritten digits, final loss, spikes, tower gradient norm, R-Probe): a
+paired t each, Holm-corrected over the secondary family, labelled secondary; they decide no claim. Gradient
+statistics and the damage probe describe one model at a time: they are described (on the paper's side in k of
+n seeds), never judged.
 """
 from __future__ import annotations
 

@@ -205,11 +205,11 @@ def reseed_lm(source: str, seed: int, out_dir: str) -> None:
 
 
 def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None:
-    """Every unit of one seed, in order: stage 1, stage 2 per arm, fixed theta, answers, R-Probe. A seed
-    outside ``plan``'s full seeds runs the head-to-head only (naive and detached, the fixed-theta start)."""
+    """Every unit of one seed, in order: stage 1, stage 2 per arm, fixed theta, answers, R-Probe, damage probe;
+    ``paths`` holds the seed's own parts (``seed_parts``). A seed outside ``plan``'s full seeds runs the
+    head-to-head only (naive and detached, the fixed-theta start, answers)."""
     python = sys.executable
     out = units.output_dir
-    paths = seed_parts(units, plan, paths, seed)
     full = plan.is_full(seed)
     arms = ARMS if full else ("mlp_multilayer", "detached_mlp_multilayer")
     adapters = {}

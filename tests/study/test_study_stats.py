@@ -189,3 +189,17 @@ def test_primary_analysis_pairs_questions_within_each_seed(tmp_path):
     assert primary["p"] < 0.05 and primary["cmh"]["p"] < 0.05 and primary["verdict"] == "reproduces"
     assert seeds[0]["arms"]["mlp_multilayer"]["answers"]["exact_match_wilson95"][0] < 32.0 < \
         seeds[0]["arms"]["mlp_multilayer"]["answers"]["exact_match_wilson95"][1]
+
+
+def test_default_plan_is_the_powered_one_and_quick_is_small():
+    from llava_dsl.study import stats
+    from llava_dsl.study.plan import DEFAULT_SCALE, DEFAULT_SEEDS, QUICK, make_plan
+
+    plan = make_plan(DEFAULT_SCALE, DEFAULT_SEEDS)
+    assert len(plan.seeds) == 8 and plan.eval_questions == 1000 and plan.stage2_steps == 480
+    # the power calculation in docs/study.md: 8 seeds x 1,000 questions reach +-3 points when sd_train <= 2
+    assert stats.seeds_needed(3.0, 2.0, 0.266, plan.eval_questions) <= len(plan.seeds)
+    assert [s for s in plan.seeds if plan.is_full(s)] == [0, 1, 2]
+    assert plan.eval_data_seed(0) != plan.data_seed  # the held-out sample is the seed's own
+    quick = make_plan(QUICK["scale"], QUICK["seeds"], full_seeds=QUICK["full_seeds"])
+    assert len(quick.seeds) >= 2 and [s for s in quick.seeds if quick.is_full(s)] == [0]
