@@ -148,3 +148,62 @@ test-lmms: $(LMMS_STAMP)
 
 clean-lmms:
 	rm -rf $(VENV_LMMS)
+
+# Fine-tuning frameworks (docs/integrations.md): one environment each, pinned by scripts/frameworks/<name>/, with
+# llava_dsl installed editable ([hf] extra where the framework's pins fit it). torch goes first (the local CPU
+# wheel); scripts/frameworks/check_env.py fails the build on a CUDA package, a torchvision / torchaudio, or an entry
+# point that does not import. tests/integrations runs the framework's own entry on a tiny Llava in each.
+VENV_SWIFT ?= .venv-swift
+SWIFT_STAMP := $(VENV_SWIFT)/.llava-dsl-swift-installed
+SWIFT_PIP := $(VENV_SWIFT)/bin/python -m pip install --quiet -c scripts/frameworks/swift/constraints.txt
+VENV_LF ?= .venv-llamafactory
+LF_STAMP := $(VENV_LF)/.llava-dsl-llamafactory-installed
+LF_PIP := $(VENV_LF)/bin/python -m pip install --quiet -c scripts/frameworks/llamafactory/constraints.txt
+INTEGRATIONS_PYTEST_ARGS ?=
+
+.PHONY: venv-swift venv-llamafactory test-integrations test-swift test-llamafactory clean-integrations
+
+venv-swift: $(SWIFT_STAMP)
+
+$(SWIFT_STAMP): scripts/frameworks/swift/constraints.txt scripts/frameworks/swift/requirements.txt scripts/frameworks/check_env.py
+	$(PYTHON) -m venv $(VENV_SWIFT)
+	echo '*' > $(VENV_SWIFT)/.gitignore
+	$(VENV_SWIFT)/bin/python -m pip install --quiet --upgrade pip
+	$(SWIFT_PIP) torch==2.13.0
+	$(SWIFT_PIP) -r scripts/frameworks/swift/requirements.txt
+	$(SWIFT_PIP) -e '.[hf]'
+	OMP_NUM_THREADS=1 $(VENV_SWIFT)/bin/python scripts/frameworks/check_env.py ms-swift swift.cli.sft \
+	    llava_dsl.integrations.ms_swift
+	touch $(SWIFT_STAMP)
+
+# llamafactory goes in with --no-deps after the rest of its dependencies, and an empty torchaudio replaces the real
+# one (scripts/frameworks/llamafactory/: constraints.txt and torchaudio_shim/ say why).
+venv-llamafactory: $(LF_STAMP)
+
+$(LF_STAMP): scripts/frameworks/llamafactory/constraints.txt scripts/frameworks/llamafactory/requirements.txt \
+             scripts/frameworks/llamafactory/torchaudio_shim/torchaudio/__init__.py scripts/frameworks/check_env.py
+	$(PYTHON) -m venv $(VENV_LF)
+	echo '*' > $(VENV_LF)/.gitignore
+	$(VENV_LF)/bin/python -m pip install --quiet --upgrade pip
+	$(LF_PIP) torch==2.13.0
+	$(LF_PIP) -r scripts/frameworks/llamafactory/requirements.txt
+	$(LF_PIP) --no-deps llamafactory
+	cp -r scripts/frameworks/llamafactory/torchaudio_shim/torchaudio \
+	    "$$($(VENV_LF)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+	$(LF_PIP) -e '.[hf]'
+	OMP_NUM_THREADS=1 $(VENV_LF)/bin/python scripts/frameworks/check_env.py llamafactory llamafactory.train.tuner \
+	    llava_dsl.integrations.llamafactory
+	touch $(LF_STAMP)
+
+# tests/integrations in each framework's environment (its conftest.py collects a file only where its framework
+# imports): a few 2-step runs of the framework's own entry per file.
+test-integrations: test-swift test-llamafactory
+
+test-swift: $(SWIFT_STAMP)
+	OMP_NUM_THREADS=1 $(VENV_SWIFT)/bin/python -m pytest tests/integrations $(INTEGRATIONS_PYTEST_ARGS)
+
+test-llamafactory: $(LF_STAMP)
+	OMP_NUM_THREADS=1 $(VENV_LF)/bin/python -m pytest tests/integrations $(INTEGRATIONS_PYTEST_ARGS)
+
+clean-integrations:
+	rm -rf $(VENV_SWIFT) $(VENV_LF)
