@@ -14,6 +14,11 @@ TRAINING_ONLY = "training_only"  # changes training only; inference is the same 
 REFUSED = "refused"        # changes the forward pass in a way stock transformers cannot reproduce: export refuses
 
 
+# The key of a Hugging Face config that names the detached taps: written by the export for detached projector types,
+# read and written by llava_dsl.hf (its CONFIG_KEY is this name).
+HF_DETACH_LAYERS = "dsl_detach_layers"
+
+
 @dataclass(frozen=True)
 class ConfigKey:
     name: str
@@ -25,8 +30,10 @@ class ConfigKey:
 PLUGIN_CONFIG_KEYS: Tuple[ConfigKey, ...] = (
     ConfigKey("mm_vision_skip_layers", "skip_links", MAPPED,
               "the taps; with the main layer they become vision_feature_layer"),
-    ConfigKey("mm_vision_detach_depth", "skip_links", TRAINING_ONLY,
-              "stop-gradient changes the backward pass only"),
+    ConfigKey("mm_vision_detach_depth", "skip_links", MAPPED,
+              f"stop-gradient changes the backward pass only; the detached taps become {HF_DETACH_LAYERS} "
+              f"(hidden-state indices), which stock transformers ignores and llava_dsl.hf.apply_detached_skip_links "
+              f"reads"),
     ConfigKey("unfreeze_mm_vision_tower", "skip_links", MAPPED,
               "says the checkpoint holds trained tower weights, which the export uses"),
     ConfigKey("mm_vision_tower_lr", "skip_links", TRAINING_ONLY, "an optimizer setting"),

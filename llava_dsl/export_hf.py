@@ -5,7 +5,9 @@
 Detach only changes the backward pass, so at inference a ``detached_mlp_multilayer`` model *is* transformers'
 multi-layer Llava: ``vision_feature_layer`` = [main layer, taps deep -> shallow] (the plugin's concat order),
 ``mm_projector.0/2`` -> ``multi_modal_projector.linear_1/linear_2``. The export is served by stock
-transformers >= 4.49 (list ``vision_feature_layer``) with no plugin.
+transformers >= 4.49 (list ``vision_feature_layer``) with no plugin. A ``detached_*`` export also records the
+detached taps as ``dsl_detach_layers`` (hidden-state indices; stock transformers ignores the key), so that
+``llava_dsl.hf.apply_detached_skip_links(model)`` continues training it with the same taps detached.
 
 This runs in the plugin's environment (transformers 4.37.2, which has no list ``vision_feature_layer``), so it
 does not build a transformers Llava model: it writes the folder files directly, in the layout transformers
@@ -26,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
-from llava_dsl.config_schema import BY_NAME, REFUSED
+from llava_dsl.config_schema import BY_NAME, HF_DETACH_LAYERS, REFUSED
 from llava_dsl.skip_links.layer_spec import LayerSpecError, absolute_layer, resolve_layer_spec
 from llava_dsl.skip_links.projectors import KINDS, projector_type
 
@@ -41,6 +43,10 @@ VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligenc
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 LLAVA_PREFIX_TOWER = "model.vision_tower.vision_tower."
 LLAVA_PREFIX_PROJECTOR = "model.mm_projector."
+# Modules that exist only while training, dropped by the export with a line saying so: the R-Probe auxiliary-loss
+# head (llava_dsl.rprobe.aux_loss registers it on the model as ``rprobe_head``); inference never runs it.
+TRAINING_ONLY_PREFIXES = {"rprobe_head.": "the R-Probe auxiliary-loss head (--rprobe_aux_weight), used only by "
+                                          "the training loss"}
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -59,6 +65,7 @@ class ProjectorMapping:
     kind: str                                  # "mlp2x" (Linear, GELU, Linear) or "linear" (one Linear)
     vision_feature_layer: Union[int, List[int]]  # one layer, or the multi-layer concat order
     num_layers: int
+    detached_layers: Optional[List[int]] = None  # a detached type's stop-gradient taps (hidden-state indices)
 
 
 def projector_mapping(config: dict, num_blocks: int, source: str = "config.json") -> ProjectorMapping:
@@ -103,7 +110,14 @@ def projector_mapping(config: dict, num_blocks: int, source: str = "config.json"
         raise ExportError(f"{source}: mm_vision_skip_layers={taps!r} are not the resolved taps {list(spec.taps)} "
                           f"(non-negative, deepest first) of a {num_blocks}-block tower; the projector's input "
                           f"columns follow the persisted order, so it cannot be reordered safely")
-    return ProjectorMapping(kind.kind.hf, list(spec.concat_order), spec.num_layers)
+    detached = None
+    if kind.detached:  # the persisted depth, or the default the LLaVA path resolves for a config without one
+        try:
+            detached = list(resolve_layer_spec(num_blocks, select_layer, list(taps),
+                                               detach_depth=config.get("mm_vision_detach_depth")).detached_layers)
+        except LayerSpecError as error:
+            raise ExportError(f"{source}: {error}") from None
+    return ProjectorMapping(kind.kind.hf, list(spec.concat_order), spec.num_layers, detached)
 
 
 def check_supported(config: dict, source: str = "config.json") -> None:
@@ -179,6 +193,7 @@ def build_hf_config(config: dict, vision_config: dict, vocab_size: int, image_to
     text["torch_dtype"] = dtype
     if pad_token_id is not None:
         text["pad_token_id"] = pad_token_id
+    detach = {} if mapping.detached_layers is None else {HF_DETACH_LAYERS: mapping.detached_layers}
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -192,6 +207,7 @@ def build_hf_config(config: dict, vision_config: dict, vocab_size: int, image_to
         "vision_config": vision_config,
         "vision_feature_layer": mapping.vision_feature_layer,
         "vision_feature_select_strategy": strategy,
+        **detach,
     }
 
 
@@ -300,11 +316,13 @@ def tower_weights(tower_path: str) -> Dict[str, "torch.Tensor"]:
 def convert_weights(weights: Dict[str, "torch.Tensor"], mapping: ProjectorMapping, use_trained_tower: bool,
                     original_tower: Optional[Dict[str, "torch.Tensor"]], num_new_tokens: int,
                     vision_hidden: int, source: str) -> Dict[str, "torch.Tensor"]:
-    """Rename every checkpoint tensor; anything not consumed is an error, never silently dropped."""
+    """Rename every checkpoint tensor; anything not consumed is an error, never silently dropped (a training-only
+    module, ``TRAINING_ONLY_PREFIXES``, is dropped with a line naming it)."""
     import torch
 
     out: Dict[str, torch.Tensor] = {}
     leftover = []
+    dropped: Dict[str, int] = {}
     projector = {}
     tower = {}
     for key, value in weights.items():
@@ -318,11 +336,17 @@ def convert_weights(weights: Dict[str, "torch.Tensor"], mapping: ProjectorMappin
             out["language_model." + key] = value
         elif key.endswith(".inv_freq"):
             continue  # rotary buffers some older savers included; recomputed from the config
+        elif key.startswith(tuple(TRAINING_ONLY_PREFIXES)):
+            prefix = next(p for p in TRAINING_ONLY_PREFIXES if key.startswith(p))
+            dropped[prefix] = dropped.get(prefix, 0) + 1
         else:
             leftover.append(key)
     if leftover:
         raise ExportError(f"{source}: tensors with no place in Hugging Face Llava: {sorted(leftover)[:8]}"
                           f"{' ...' if len(leftover) > 8 else ''}")
+    for prefix, count in dropped.items():
+        print(f"export_hf: dropped {count} {prefix}* tensors: {TRAINING_ONLY_PREFIXES[prefix]}; the exported model "
+              f"runs as the checkpoint does without them", file=sys.stderr)
 
     if use_trained_tower:
         if not tower:

@@ -375,3 +375,131 @@ def test_no_plugin_key_reaches_the_text_config():
     text = export_hf.text_config_from(config, vocab_size=100)
     assert not set(text) & {key.name for key in PLUGIN_CONFIG_KEYS}
     assert text["hidden_size"] == 64 and text["num_hidden_layers"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The detach choice travels: export -> llava_dsl.hf continues with the same taps detached.
+# --------------------------------------------------------------------------------------------------
+HF_GRADIENT_SCRIPT = os.path.join(ROOT, "tests", "export", "hf_dsl_gradient.py")
+LLAVA_TOWER_PARAMS = "model.vision_tower.vision_tower."
+
+
+@pytest.fixture(scope="module")
+def detach_exports(checkpoints, exports):
+    """The DSL checkpoint (default detach depth: taps [4, 2] of [6, 4, 2]), the same weights persisted with depth 1
+    (tap 2 only: not the default, so an export that dropped the choice would be caught), and as naive fusion."""
+    out = checkpoints["out"]
+    derived = {"dsl_depth1": {"mm_vision_detach_depth": 1},
+               "naive": {"mm_projector_type": "mlp_multilayer", "mm_vision_detach_depth": 0}}
+    paths, folders = {"dsl": checkpoints["dsl"]}, {"dsl": exports["dsl"]}
+    for name, changes in derived.items():
+        paths[name] = derive_checkpoint(checkpoints["dsl"], os.path.join(out, f"llava-{name}"), changes)
+        folders[name] = os.path.join(out, f"hf-{name}")
+        export_hf.main(["--model-path", paths[name], "--output-dir", folders[name]])
+    return paths, folders
+
+
+def llava_for_gradients(checkpoint, image_path, turns):
+    """LLaVA's own loader (the plugin's tower and detached projector from the checkpoint's config), float32 weights
+    as stored, every parameter trainable; LLaVA's prompt ids and pixels. Returns (model, tokenizer, input_ids,
+    pixels, image size)."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+    from llava.model.builder import load_pretrained_model
+
+    import llava_dsl
+
+    llava_dsl.register()
+    tokenizer, model, processor, _ = load_pretrained_model(checkpoint, None, os.path.basename(checkpoint),
+                                                           device_map="cpu", device="cpu")
+    restore_exact_weights(model, checkpoint)
+    model.requires_grad_(True)
+    input_ids = tokenizer_image_token(llava_conversation(turns), tokenizer, IMAGE_TOKEN_INDEX,
+                                      return_tensors="pt").unsqueeze(0)
+    image = Image.open(image_path).convert("RGB")
+    pixels = process_images([image], processor, model.config)
+    return model, tokenizer, input_ids, pixels, image.size
+
+
+def next_token_loss(logits, targets, vocab):
+    """Cross-entropy over the checkpoint's vocabulary, the formula tests/export/hf_dsl_gradient.py uses."""
+    return torch.nn.functional.cross_entropy(logits[0, :-1, :vocab].float(), targets, ignore_index=-100)
+
+
+@pytest.fixture(scope="module")
+def detach_gradients(detach_exports, images, tmp_path_factory):
+    paths, folders = detach_exports
+    llava, request = {}, []
+    for name in ("dsl", "dsl_depth1"):
+        model, tokenizer, input_ids, pixels, size = llava_for_gradients(paths[name], images["square"], SINGLE_TURN)
+        config = read_json(folders[name], "config.json")
+        hf_ids = torch.tensor(expand_image(input_ids[0].tolist(), config["image_token_index"],
+                                           config["image_seq_length"]))
+        targets = hf_ids[1:].clone()
+        targets[targets == config["image_token_index"]] = -100
+        logits = model(input_ids=input_ids, images=pixels, image_sizes=[size]).logits
+        assert logits.shape[1] == len(hf_ids)
+        next_token_loss(logits, targets, len(tokenizer)).backward()
+        llava[name] = {n[len(LLAVA_TOWER_PARAMS):]: p.grad.detach().clone() for n, p in model.named_parameters()
+                       if n.startswith(LLAVA_TOWER_PARAMS) and p.grad is not None}
+        request.append({"model_dir": folders[name], "input_ids": hf_ids.unsqueeze(0), "pixel_values": pixels,
+                        "targets": targets, "vocab": len(tokenizer)})
+    work = tmp_path_factory.mktemp("hf_detach")
+    request_path, result_path = str(work / "request.pt"), str(work / "result.pt")
+    torch.save(request, request_path)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([hf_python(), HF_GRADIENT_SCRIPT, request_path, result_path], capture_output=True,
+                            text=True, env=env, cwd=str(work), timeout=600, check=False)
+    assert result.returncode == 0, f"{HF_GRADIENT_SCRIPT} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return llava, dict(zip(("dsl", "dsl_depth1"), torch.load(result_path, weights_only=False), strict=True))
+
+
+def test_export_writes_the_detached_taps_and_a_naive_export_none(detach_exports, exports):
+    _, folders = detach_exports
+    assert read_json(folders["dsl"], "config.json")["dsl_detach_layers"] == [4, 2]  # the default: first half
+    assert read_json(folders["dsl_depth1"], "config.json")["dsl_detach_layers"] == [2]
+    for name in ("naive", "stock"):
+        assert "dsl_detach_layers" not in read_json(folders.get(name) or exports[name], "config.json"), name
+
+
+@pytest.mark.parametrize("name, detached", [("dsl", [4, 2]), ("dsl_depth1", [2])])
+def test_llava_dsl_hf_continues_an_export_with_the_llava_paths_gradient(detach_gradients, name, detached):
+    """The export, loaded by stock transformers and re-applied with llava_dsl.hf from its config alone, gives the
+    vision tower the gradient the LLaVA path gives it on the same image and tokens; naive fusion does not."""
+    llava, hf = detach_gradients[0][name], detach_gradients[1][name]
+    assert hf["loaded"] == detached and hf["applied"] == detached
+    assert llava.keys() == hf["dsl"].keys() and any(".layers.0." in k for k in llava)
+    scale = max(g.abs().max().item() for g in llava.values())
+    worst = max((hf["dsl"][k] - llava[k]).abs().max().item() for k in llava)
+    # the shallowest detached tap's blocks: the skip part of their gradient is what detaching removes
+    shallow = [k for k in llava if any(f".layers.{i}." in k for i in range(min(detached)))]
+    naive_off = max((hf["naive"][k] - llava[k]).abs().max().item() for k in shallow)
+    print(f"{name}: max |tower grad| {scale:.3g}, max |HF dsl - LLaVA| {worst:.3g}, "
+          f"max |HF naive - LLaVA| on blocks 1..{min(detached)} {naive_off:.3g}")
+    assert worst <= 1e-4 * scale, (worst, scale)
+    assert naive_off > 100 * worst and naive_off > 1e-3 * scale, (naive_off, worst)
+
+
+def test_an_rprobe_aux_head_is_dropped_by_name_and_the_rest_exported_unchanged(checkpoints, exports, tmp_path,
+                                                                                 capsys):
+    """An --rprobe_aux_weight run saves its probe as rprobe_head.* (llava_dsl.rprobe.aux_loss): training-only."""
+    from transformers import LlamaConfig
+
+    from llava_dsl.rprobe.model import RProbe
+
+    source = read_json(checkpoints["dsl"], "config.json")
+    llm = LlamaConfig(**{k: source[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                "num_key_value_heads", "num_hidden_layers", "rms_norm_eps")})
+    head = {"rprobe_head." + k: v for k, v in RProbe(llm, 1, pixels_per_token=48).state_dict().items()}
+    checkpoint = derive_checkpoint(checkpoints["dsl"], str(tmp_path / "llava-aux"), {})
+    weights = load_file(os.path.join(checkpoint, "model.safetensors"))
+    save_file({**weights, **head}, os.path.join(checkpoint, "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    export_hf.main(["--model-path", checkpoint, "--output-dir", str(tmp_path / "hf-aux")])
+    err = capsys.readouterr().err
+    assert f"dropped {len(head)} rprobe_head.* tensors: the R-Probe auxiliary-loss head" in err, err
+    exported = load_file(str(tmp_path / "hf-aux" / "model.safetensors"))
+    plain = load_file(os.path.join(exports["dsl"], "model.safetensors"))
+    assert exported.keys() == plain.keys()
+    assert all(torch.equal(exported[k], plain[k]) for k in plain)
