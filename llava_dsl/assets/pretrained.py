@@ -37,10 +37,11 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from llava_dsl.checkpointing.atomic import atomic_folder, atomic_write_text
 
 # Bump when the files built for the same settings change, so that old cached folders are not reused.
 FORMAT_VERSION = 1
@@ -222,24 +223,16 @@ def ensure(settings, root: Optional[str] = None, log=_log) -> str:
                              f"by a finished build; remove it and build again")
         for entry in remove_stale_partials(root, name):
             log(f"removed {os.path.join(root, entry)}: left by a build that did not finish")
-        staging = os.path.join(root, f".partial-{name}-{os.getpid()}")
-        os.makedirs(staging)
-        try:
+        with atomic_folder(final, os.path.join(root, f".partial-{name}-{os.getpid()}")) as staging:
             started = time.time()
             if isinstance(settings, TowerSettings):
                 report = train_tower(settings, staging, log=log)
             else:
                 report = train_lm(settings, staging, log=log)
-            from llava_dsl.checkpointing.atomic import atomic_write_text
-
             manifest = {"key": cache_key(settings), "format_version": FORMAT_VERSION, "part": name,
                         "settings": asdict(settings), "build_seconds": round(time.time() - started, 1),
                         "torch_threads": _torch_threads(), "load_average": list(os.getloadavg()), **report}
             atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1))
-            os.rename(staging, final)  # one rename: the final name appears complete or not at all
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return final
 
 

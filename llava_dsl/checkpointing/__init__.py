@@ -17,5 +17,5 @@ Three ways a LLaVA run loses work, and what this module does about each:
   ``--skip_bad_samples True``, are skipped and listed in ``OUTPUT_DIR/skipped_samples.jsonl``.
 
 The trainer behaviour is ``SafetyTrainerMixin`` (a base class of the plugin's trainer); the data side swaps the
-``llava`` names listed in ``PATCHES``, applied by ``llava_dsl.register()`` (``integration.ALL_PATCHES``).
+``llava`` names listed in ``PATCHES``, applied by ``llava_dsl.register()`` (``plugin.ALL_PATCHES``).
 """

@@ -1,6 +1,8 @@
 """Atomic files and folders: the one writer every stage uses. A file is written under a temporary name,
-fsynced and renamed; a folder is staged and renamed into place. A crash leaves the old file or nothing,
-never half of one. Standard library only (``atomic_torch_save`` imports torch when called)."""
+fsynced and renamed; a new folder is staged beside its name and renamed into place (``atomic_folder``); files
+published into an existing folder are staged inside it and renamed one by one (``atomic_directory``). A crash
+leaves the old file or nothing, never half of one. Standard library only (``atomic_torch_save`` imports torch
+when called)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +10,6 @@ import os
 import shutil
 import tempfile
 from typing import Iterator
-
-import torch
 
 
 def _fsync(path: str) -> None:
@@ -42,6 +42,8 @@ def atomic_file(path: str) -> Iterator[str]:
 
 
 def atomic_torch_save(obj, path: str) -> None:
+    import torch
+
     with atomic_file(path) as temporary:
         torch.save(obj, temporary)
 
@@ -82,3 +84,22 @@ def atomic_directory(output_dir: str) -> Iterator[str]:
         _fsync(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str, staging: str, publish: bool = True) -> Iterator[str]:
+    """Create ``staging`` and yield it; once the block returns it is renamed to ``final``, so ``final`` appears
+    complete or not at all. On an error the staging folder is removed. ``staging`` is the caller's name for it
+    (what a later start recognises as an interrupted save). ``publish=False`` yields the path and does nothing
+    else: the other ranks of a save that rank 0 publishes."""
+    if publish:
+        os.makedirs(staging)
+    try:
+        yield staging
+        if publish:
+            os.replace(staging, final)
+            _fsync(os.path.dirname(os.path.abspath(final)))
+    except BaseException:
+        if publish:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from llava_dsl.checkpointing.atomic import atomic_write_text
 
@@ -106,12 +106,16 @@ def move_aside(output_dir: str, path: str) -> str:
     return target
 
 
-def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
+def checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+    """``(step, path)`` of every ``checkpoint-N`` folder in ``output_dir``, oldest first."""
     if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((_step(name), name) for name in os.listdir(output_dir)
-                   if _CHECKPOINT.match(name) and os.path.isdir(os.path.join(output_dir, name)))
-    for _, name in reversed(steps):
-        if checkpoint_problem(os.path.join(output_dir, name)) is None:
-            return os.path.join(output_dir, name)
+        return []
+    return sorted((_step(name), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+                  if _CHECKPOINT.match(name) and os.path.isdir(os.path.join(output_dir, name)))
+
+
+def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
+    for _, path in reversed(checkpoints(output_dir)):
+        if checkpoint_problem(path) is None:
+            return path
     return None

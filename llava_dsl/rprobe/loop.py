@@ -1,19 +1,29 @@
 """The R-Probe training and evaluation loop, plain or under DeepSpeed, with resumable training checkpoints
-(optimizer, scheduler, per-rank RNG and history) so a killed run continues on the same trajectory."""
+(optimizer, scheduler, per-rank RNG and history) so a killed run continues on the same trajectory.
+
+Why not ``transformers.Trainer``'s checkpointing: its save, RNG-state and rotation steps are private methods of
+its own loop (``_save_checkpoint``, ``_save_rng_state``, ``_rotate_checkpoints``), so using them means training the
+probe through a Trainer, and that loses two things. Under ZeRO-3, transformers 4.37 passes
+``exclude_frozen_parameters`` to DeepSpeed only for a PEFT model, so every probe checkpoint would hold the whole
+frozen MLLM (here: only the probe's state). And the probe's results (the committed runs, ``tests/rprobe``'s
+bit-for-bit resume) follow this loop's batch order, schedule and clipping, which a Trainer run would not reproduce.
+Shared instead: ``checkpointing.atomic`` publishes the folder; ``checkpointing.completeness`` writes its marker,
+sets interrupted saves aside and finds the newest complete one.
+"""
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from llava_dsl.checkpointing.atomic import atomic_torch_save, atomic_write_text
+from llava_dsl.checkpointing.atomic import atomic_folder, atomic_torch_save, atomic_write_text
 from llava_dsl.checkpointing.completeness import (
+    checkpoints,
     latest_complete_checkpoint,
     move_aside,
     read_completion_marker,
@@ -190,15 +200,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _checkpoints(run_dir: str) -> List[Tuple[int, str]]:
-    found = []
-    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
-        match = re.match(r"^checkpoint-(\d+)$", name)
-        if match and os.path.isdir(os.path.join(run_dir, name)):
-            found.append((int(match.group(1)), os.path.join(run_dir, name)))
-    return sorted(found)
-
-
 def find_resume_point(run_dir: str, settings: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
     """The newest complete training checkpoint in ``run_dir`` and its saved state, or None.
 
@@ -243,24 +244,23 @@ def save_training_checkpoint(run_dir: str, step: int, state: Dict[str, Any], cfg
         for path in (staging, final):
             if os.path.exists(path):  # from an earlier run; never mixed into this one
                 log_once("rprobe", f"{path} exists from an earlier run; moved to {move_aside(run_dir, path)}")
-        os.makedirs(staging)
-    barrier()
-    if engine is not None:
-        # the frozen MLLM is rebuilt from its own checkpoint on resume: only the probe's state is saved
-        engine.save_checkpoint(staging, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
-    elif rank() == 0:
-        torch.save({"state_dict": probe_state_dict(probe), "meta": meta}, os.path.join(staging, PROBE_FILE))
-        torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
-    torch.save(_rng_state(), os.path.join(staging, f"rng_state_{rank()}.pth"))
-    if rank() == 0:
-        atomic_write_text(os.path.join(staging, STATE_FILE), json.dumps({"step": step, **state}, indent=1))
-    barrier()
-    if rank() == 0:
-        write_completion_marker(staging, step, world_size(), deepspeed=engine is not None)
-        os.replace(staging, final)
-        old = _checkpoints(run_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []
-        for _, path in old:
+    with atomic_folder(final, staging, publish=rank() == 0):
+        barrier()
+        if engine is not None:
+            # the frozen MLLM is rebuilt from its own checkpoint on resume: only the probe's state is saved
+            engine.save_checkpoint(staging, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+        elif rank() == 0:
+            torch.save({"state_dict": probe_state_dict(probe), "meta": meta}, os.path.join(staging, PROBE_FILE))
+            torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
+        torch.save(_rng_state(), os.path.join(staging, f"rng_state_{rank()}.pth"))
+        if rank() == 0:
+            atomic_write_text(os.path.join(staging, STATE_FILE), json.dumps({"step": step, **state}, indent=1))
+        barrier()
+        if rank() == 0:
+            write_completion_marker(staging, step, world_size(), deepspeed=engine is not None)
+    if rank() == 0 and cfg.save_total_limit:
+        for _, path in checkpoints(run_dir)[:-cfg.save_total_limit]:
             shutil.rmtree(path)
     barrier()
     return final
