@@ -27,7 +27,8 @@ def options_from_env(environ=os.environ) -> DSLOptions:
         raise ValueError(f"DSL_OFF={environ['DSL_OFF']!r}: expected 1/true or 0/false")
     return DSLOptions(detach_layers=parse_layers(environ.get("DSL_DETACH_LAYERS"), "DSL_DETACH_LAYERS"),
                       detach_depth=parse_depth(environ.get("DSL_DETACH_DEPTH"), "DSL_DETACH_DEPTH"),
-                      off=off in ("1", "true"), source="ms-swift --callbacks dsl (DSL_DETACH_LAYERS / DSL_DETACH_DEPTH)",
+                      off=off in ("1", "true"),
+                      source="ms-swift --callbacks dsl (DSL_DETACH_LAYERS / DSL_DETACH_DEPTH)",
                       unfreeze_hint="pass --freeze_vit false (ms-swift freezes the vision tower by default)")
 
 
