@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 from llava_dsl.study import stats
 from llava_dsl.study.plan import ARMS, SHORT, Plan
-from llava_dsl.study.runner import damage_file, eval_dir, fixed_dir, stage_dir
+from llava_dsl.study.runner import damage_file, eval_dir, fixed_dir, stage_dir, use_dir
 
 GRAD_KEYS = ("trcov_ratio", "cos_mean", "snr_main", "snr_full", "trcov_main", "trcov_skip", "norm_main", "norm_skip")
 
@@ -123,7 +123,8 @@ def _fixed(output_dir: str, seed: int, point: str, projector: str) -> Optional[D
         return None
     window = grad["windows"][-1]
     return {"num_steps": window["num_steps"], "partial": window["partial"],
-            "groups": {name: {k: v.get(k) for k in GRAD_KEYS} for name, v in window["groups"].items()},
+            # every key the splitter wrote: GRAD_KEYS, and per tap "tap<L>/..." and "snr_if_detach_depth_<D>"
+            "groups": {name: dict(v) for name, v in window["groups"].items()},
             "shallow_group": shallow_group(grad), "skip_groups": skip_groups(grad)}
 
 
@@ -201,6 +202,10 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
             }
         for heldout, key in (("rendered", "answers"), ("handwritten", "answers_handwritten")):
             row[key] = answer_scores(find_scored(eval_dir(output_dir, seed, projector, heldout)))
+        use = _load(os.path.join(use_dir(output_dir, seed, projector), "use.json"))
+        if use is not None:  # exact-match drop (points) with each tap, and all taps, replaced by its training mean
+            row["use"] = {name: {"drop": 100.0 * c["drop"], "lost": c["lost"], "gained": c["gained"], "n": c["n"]}
+                          for name, c in use["conditions"].items() if name != "none"}
         result = probe_by_path.get(os.path.abspath(folder))
         if result is not None:
             row["rprobe"] = {"steps_to_threshold": result["steps_to_threshold"], "final_mse": result["final"]["mse"],
@@ -337,12 +342,19 @@ def summarise(seeds: List[Dict], plan: Plan) -> Dict:
         shallow = next((r["shallow_group"] for r in rows if r), None)
         entry = {"shallow_group": shallow, "groups": {}}
         for group in groups:
-            values = {k: [None if r is None else r["groups"].get(group, {}).get(k) for r in rows] for k in GRAD_KEYS}
+            keys = dict.fromkeys(k for r in rows if r for k in r["groups"].get(group, {}))
+            values = {k: [None if r is None else r["groups"].get(group, {}).get(k) for r in rows]
+                      for k in dict.fromkeys(list(GRAD_KEYS) + list(keys))}
             snr_gain = [None if a is None or b is None else a - b
                         for a, b in zip(values["snr_main"], values["snr_full"])]
+            # the SNR gain of exactly what the detached arm does: drop its plan.detach_depth shallowest taps
+            kept = values.get(f"snr_if_detach_depth_{plan.detach_depth}", [None] * len(rows))
+            snr_gain_detached = [None if a is None or b is None else a - b for a, b in zip(kept, values["snr_full"])]
             entry["groups"][group] = {
                 **{k: stats.summary(v) for k, v in values.items()},
                 "snr_gain_without_skip": stats.summary(snr_gain),
+                "snr_gain_if_detached": stats.summary(snr_gain_detached),
+                "snr_rises_if_detached": describe_sides(snr_gain_detached, lambda v: v > 0),
                 "ratio_above_1": describe_sides(values["trcov_ratio"], lambda v: v > 1),
                 "cos_near_0": describe_sides(values["cos_mean"], lambda v: abs(v) < COS_NEAR_ZERO),
                 "snr_rises_without_skip": describe_sides(snr_gain, lambda v: v > 0),

@@ -83,6 +83,7 @@ class Plan:
     probe_threshold_fraction: float = 0.5
     eval_questions: int = 100   # per seed, a sample of its own (eval_data_seed)
     handwritten_questions: int = 400  # per seed: real handwritten digits composed into strings (assets.handwritten)
+    use_questions: int = 200  # per full seed: the tap-ablation probe answers them once per tap and once with all
     full_seeds: int = FULL_SEEDS
     max_new_tokens: int = 8
     num_heldout: int = 64
@@ -146,4 +147,5 @@ def make_plan(scale: float = DEFAULT_SCALE, seeds: Tuple[int, ...] = DEFAULT_SEE
                 probe_eval_every=max(1, round(10 * min(scale, 4))),
                 eval_questions=max(8, min(2000, round(BASE["eval_questions"] * scale))),
                 handwritten_questions=max(8, min(800, round(100 * scale))),
+                use_questions=max(8, min(400, round(50 * scale))),
                 num_heldout=64 if scale <= 2 else 128)

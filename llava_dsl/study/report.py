@@ -121,7 +121,9 @@ def tables(result: Dict) -> str:
                          f"{_ms(row['snr_gain_without_skip'], 2)} | "
                          f"{', '.join(_fmt(v) for v in row['trcov_ratio']['values'])} | "
                          f"{row['ratio_above_1']} / {row['cos_near_0']} / {row['snr_rises_without_skip']} |")
+    lines += tap_table(summary["fixed_theta"])
     lines += damage_table(seeds)
+    lines += use_table(seeds)
     lines.append("\n### Gradient interference over training windows (shallowest group)\n")
     lines += ["| seed | arm | windows | tr(Cov) ratio: first → last (median) | cos: first → last | "
               "SNR main / SNR main+skip (median) |", "|---|---|---|---|---|---|"]
@@ -142,6 +144,51 @@ def tables(result: Dict) -> str:
                          f"({_fmt(stats.median(ratio))}) | {_fmt(cos[0], 2)} → {_fmt(cos[-1], 2)} | "
                          f"{_fmt(stats.median(sm), 2)} / {_fmt(stats.median(sf), 2)} |")
     return "\n".join(lines) + "\n"
+
+
+TAP_KEYS = (("trcov_ratio", "tr(Cov) tap / main"), ("norm_ratio", "‖g_tap‖ / ‖g_main‖"), ("snr_tap", "SNR of the tap"),
+            ("cos_mean", "cos(g_main, g_tap)"), ("cos_of_means", "cos of the means"))
+
+
+def tap_table(fixed: Dict) -> list:
+    """Per-tap interference at fixed θ on the shallowest group, every point and arm: larger and noisier told
+    apart (mean ± std over seeds; described, not tested)."""
+    lines = []
+    for point, entry in fixed.items():
+        row = entry["groups"].get(entry["shallow_group"]) if entry["shallow_group"] else None
+        taps = sorted({k.split("/")[0] for k in (row or {}) if k.startswith("tap") and "/" in k},
+                      key=lambda t: int(t[3:]))
+        if not taps:
+            continue
+        if not lines:
+            lines = ["\n### Gradient interference per tap at fixed θ (shallowest group; described)\n",
+                     "| θ | tap | " + " | ".join(name for _, name in TAP_KEYS) + " |",
+                     "|---|---|" + "---|" * len(TAP_KEYS)]
+        for tap in taps:
+            lines.append(f"| {point} | {tap[3:]} | " + " | ".join(_ms(row[f"{tap}/{key}"], 2) for key, _ in TAP_KEYS)
+                         + " |")
+        gain = row["snr_gain_if_detached"]
+        lines.append(f"| {point} | SNR main + summed skip {_ms(row['snr_full'], 2)}; without the detached taps: "
+                     f"gain {_ms(gain, 2)} ({row['snr_rises_if_detached']}) |" + " |" * len(TAP_KEYS))
+    return lines
+
+
+def use_table(seeds) -> list:
+    """Tap ablation: each multi-layer arm's exact-match drop (points) with a tap's slice replaced by its training
+    mean (mean ± std over the seeds that ran it, then per seed). Described, not tested."""
+    conditions = list(dict.fromkeys(c for s in seeds for p in ARMS for c in (s["arms"][p].get("use") or {})))
+    if not conditions:
+        return []
+    lines = ["\n### Mechanism: use of the taps (exact-match drop in points when a tap's input is replaced by its "
+             "training mean; described)\n", "| arm | ablated | drop, mean ± std | per seed |", "|---|---|---|---|"]
+    for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
+        for condition in conditions:
+            drops = [(s["arms"][projector].get("use") or {}).get(condition, {}).get("drop") for s in seeds]
+            if all(d is None for d in drops):
+                continue
+            lines.append(f"| {SHORT[projector]} | {condition.replace('tap', 'tap ')} | "
+                         f"{_ms(stats.summary(drops), 2)} | {', '.join(_fmt(d, 2) for d in drops if d is not None)} |")
+    return lines
 
 
 def damage_table(seeds) -> list:

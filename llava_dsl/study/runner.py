@@ -174,10 +174,15 @@ def seed_parts(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> Di
                                     num_finetune=16, num_heldout=16, num_textvqa=plan.eval_questions,
                                     num_ocrbench=8, content="digits", min_digits=plan.min_digits,
                                     max_digits=plan.max_digits))
+    use = build_data(os.path.join(out, "use"), OcrDataConfig(
+        seed=plan.eval_data_seed(seed) + 500, image_size=plan.image_size, num_pretrain=16, num_finetune=16,
+        num_heldout=16, num_textvqa=plan.use_questions, num_ocrbench=8, content="digits",
+        min_digits=plan.min_digits, max_digits=plan.max_digits))
     handwritten = build_handwritten(os.path.join(out, "handwritten"), HandwrittenConfig(
         count=plan.handwritten_questions, seed=plan.eval_data_seed(seed), image_size=plan.image_size,
         min_digits=plan.min_digits, max_digits=plan.max_digits))
-    return {**paths, "llm": lm_dir, "textvqa_dir": data["textvqa_dir"], "handwritten_dir": handwritten["textvqa_dir"]}
+    return {**paths, "llm": lm_dir, "textvqa_dir": data["textvqa_dir"], "handwritten_dir": handwritten["textvqa_dir"],
+            "use_dir": use["textvqa_dir"]}
 
 
 def eval_dir(output_dir: str, seed: int, projector: str, heldout: str = "rendered") -> str:
@@ -267,7 +272,8 @@ def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None
 def mechanism_units(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None:
     """The mechanism on this seed's checkpoints, through ``python -m llava_dsl.probes``: *damage*, linear probes
     (glyph identity, pixel R^2) on the frozen features of each tapped block of every arm's tower against the
-    pretrained tower, on the same renders (the probe's seed = the study seed)."""
+    pretrained tower, on the same renders (the probe's seed = the study seed); *use*, each multi-layer arm's
+    exact match with each tap's projector input replaced by its training mean, on the seed's ``use`` sample."""
     out = units.output_dir
     units.run(f"seed{seed}-damage",
               [sys.executable, "-m", "llava_dsl.probes", "damage",
@@ -275,6 +281,16 @@ def mechanism_units(units: Units, plan: Plan, paths: Dict[str, str], seed: int) 
                *[stage_dir(out, seed, p, 2) for p in ("mlp_multilayer", "detached_mlp_multilayer", "mlp2x_gelu")],
                "--reference", paths["vision_tower"], "--seed", str(seed), "--device", plan.device,
                "--output", damage_file(out, seed)])
+    for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
+        units.run(f"seed{seed}-use-{SHORT[projector]}",
+                  [sys.executable, "-m", "llava_dsl.probes", "use", "--model-path", stage_dir(out, seed, projector, 2),
+                   "--data-dir", paths["use_dir"], "--train-data", paths["finetune"], "--image-folder",
+                   paths["image_folder"], "--output-dir", use_dir(out, seed, projector), "--device", plan.device,
+                   "--max_new_tokens", str(plan.max_new_tokens)])
+
+
+def use_dir(output_dir: str, seed: int, projector: str) -> str:
+    return os.path.join(output_dir, "probes", f"seed{seed}", f"use-{SHORT[projector]}")
 
 
 def damage_file(output_dir: str, seed: int) -> str:
