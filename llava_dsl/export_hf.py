@@ -84,10 +84,10 @@ def projector_mapping(config: dict, num_blocks: int, source: str = "config.json"
     if kind is None:
         raise ExportError(f"{source}: mm_projector_type={name!r} is not a LLaVA-1.5 or llava_dsl projector type "
                           f"this exporter knows ({', '.join(k.name for k in KINDS)})")
-    if kind.kind.hf is None:
-        raise ExportError(f"{source}: mm_projector_type={name!r}: {kind.kind.hf_refusal}")
-    if kind.kind.hf == "mlp2x" and kind.mlp_depth != 2:
-        raise ExportError(f"{source}: mm_projector_type={name!r} is a {kind.mlp_depth}-Linear MLP; Hugging Face "
+    if kind.hf is None:
+        raise ExportError(f"{source}: mm_projector_type={name!r}: {kind.hf_refusal}")
+    if kind.hf == "mlp2x" and kind.depth != 2:
+        raise ExportError(f"{source}: mm_projector_type={name!r} is a {kind.depth}-Linear MLP; Hugging Face "
                           f"LlavaMultiModalProjector has exactly two Linear layers (linear_1, GELU, linear_2)")
     taps = config.get("mm_vision_skip_layers")
     if not kind.multilayer:
@@ -98,7 +98,7 @@ def projector_mapping(config: dict, num_blocks: int, source: str = "config.json"
             main = absolute_layer(select_layer, num_blocks, "mm_vision_select_layer", select_layer)
         except LayerSpecError as error:
             raise ExportError(f"{source}: {error}") from None
-        return ProjectorMapping(kind.kind.hf, main, 1)
+        return ProjectorMapping(kind.hf, main, 1)
     if not taps:
         raise ExportError(f"{source}: mm_projector_type={name!r} but no mm_vision_skip_layers; a multilayer "
                           f"checkpoint records its tapped layers there (was it written without llava_dsl?)")
@@ -117,7 +117,7 @@ def projector_mapping(config: dict, num_blocks: int, source: str = "config.json"
                                                detach_depth=config.get("mm_vision_detach_depth")).detached_layers)
         except LayerSpecError as error:
             raise ExportError(f"{source}: {error}") from None
-    return ProjectorMapping(kind.kind.hf, list(spec.concat_order), spec.num_layers, detached)
+    return ProjectorMapping(kind.hf, list(spec.concat_order), spec.num_layers, detached)
 
 
 def check_supported(config: dict, source: str = "config.json") -> None:

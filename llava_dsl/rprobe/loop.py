@@ -150,8 +150,7 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
-# Training checkpoints: resume after a kill with the same trajectory.
-# with the flag that sets each.
+# The settings a resumed run must share with the one that wrote its checkpoint, with the flag that sets each.
 _RUN_FLAGS = {
     "steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
     "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import llava.model.llava_arch as llava_arch
 import llava.model.multimodal_encoder.builder as encoder_builder
@@ -50,15 +50,11 @@ class JointTrainingArguments:
         "help": "Learning rate of the vision tower when it is unfrozen (default: --learning_rate)."})
 
 
-def _layer_flags(args) -> Tuple:
-    return (getattr(args, "mm_vision_skip_layers", None), getattr(args, "mm_vision_skip_stride", None),
-            getattr(args, "mm_vision_detach_depth", None))
-
-
 def resolve_spec_for(args, num_blocks: int) -> Optional[LayerSpec]:
     """The LayerSpec that ``args`` (train flags or a model config) ask for; None for LLaVA's own types."""
     kind = projector_type(getattr(args, "mm_projector_type", None))
-    skip_layers, stride, detach_depth = _layer_flags(args)
+    skip_layers, stride, detach_depth = (getattr(args, name, None) for name in (
+        "mm_vision_skip_layers", "mm_vision_skip_stride", "mm_vision_detach_depth"))
     if kind is None or not kind.multilayer:
         given = {"--mm_vision_skip_layers": skip_layers, "--mm_vision_skip_stride": stride,
                  "--mm_vision_detach_depth": detach_depth}
@@ -132,9 +128,9 @@ class MultiLayerCLIPVisionTower(CLIPVisionTower):
 def build_vision_projector(config, delay_load=False, **kwargs):
     """LLaVA's builder, plus the registered types it does not know (``projectors.KINDS``)."""
     kind = projector_type(getattr(config, "mm_projector_type", None))
-    if kind is None or kind.kind.build is None:
+    if kind is None or kind.build is None:
         return _UPSTREAM_BUILD_VISION_PROJECTOR(config, delay_load=delay_load, **kwargs)
-    return kind.kind.build(config, kind.mlp_depth)
+    return kind.build(config, kind.depth)
 
 
 def _tower_depth(vision_tower_name: str) -> int:

@@ -4,7 +4,7 @@ tests of ``patches/`` all read ``KINDS``: a new type is one entry here plus its 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch.nn as nn
@@ -17,29 +17,12 @@ from llava_dsl.skip_links.layer_spec import LayerSpecError
 class ProjectorKind:
     name: str                # the canonical mm_projector_type
     pattern: str             # full match on mm_projector_type; group ``depth`` = the number of Linear layers
-    default_depth: int       # Linear layers when the name gives none
+    depth: int               # Linear layers when the name gives none; ``projector_type`` returns the name's
     multilayer: bool         # reads the main layer and the taps of a LayerSpec, not one layer
     detached: bool           # stop-gradient on the shallowest taps
     build: Optional[Callable[[Any, int], nn.Module]]  # (model config, depth) -> projector; None: LLaVA's builder
     hf: Optional[str]        # HF LlavaMultiModalProjector form: "mlp2x" (Linear, GELU, Linear) or "linear"
     hf_refusal: str = ""     # why it does not export, when ``hf`` is None
-
-
-@dataclass(frozen=True)
-class ProjectorType:
-    """A resolved ``mm_projector_type``: its kind and MLP depth."""
-
-    name: str
-    kind: ProjectorKind
-    mlp_depth: int
-
-    @property
-    def multilayer(self) -> bool:
-        return self.kind.multilayer
-
-    @property
-    def detached(self) -> bool:
-        return self.kind.detached
 
 
 def _build_multilayer(config, depth: int) -> nn.Module:
@@ -71,13 +54,13 @@ KINDS = (
 )
 
 
-def projector_type(name: Optional[str]) -> Optional[ProjectorType]:
-    """The registered type ``name`` is (``mlp3x_gelu_multilayer``: depth 3), or None for a name no entry matches."""
+def projector_type(name: Optional[str]) -> Optional[ProjectorKind]:
+    """The entry ``name`` matches, with the depth the name gives (``mlp3x_gelu_multilayer``: 3); None if none does."""
     for kind in KINDS:
         match = re.fullmatch(kind.pattern, name or "")
         if match:
-            depth = int(match.group("depth")) if match.groupdict().get("depth") else kind.default_depth
+            depth = int(match.group("depth")) if match.groupdict().get("depth") else kind.depth
             if kind.multilayer and depth < 1:
                 raise ValueError(f"mm_projector_type={name!r}: the MLP needs at least one Linear layer")
-            return ProjectorType(name, kind, depth)
+            return replace(kind, depth=depth)
     return None

@@ -22,7 +22,7 @@ TAPS = [6, 4, 2]
 ])
 def test_names_resolve_to_their_entry_and_depth(name, canonical, depth):
     kind = projector_type(name)
-    assert (kind.kind.name, kind.mlp_depth) == (canonical, depth)
+    assert (kind.name, kind.depth) == (canonical, depth)
     assert kind.multilayer == canonical.endswith("_multilayer")
     assert kind.detached == canonical.startswith("detached_")
 
@@ -53,7 +53,7 @@ def test_every_entry_exports_as_it_says_and_builds_what_it_exports(kind):
     assert mapping.kind == kind.hf
     assert mapping.vision_feature_layer == ([BLOCKS - 1] + TAPS if kind.multilayer else BLOCKS - 1)
     if kind.build is not None:
-        projector = kind.build(SimpleNamespace(**config), projector_type(kind.name).mlp_depth)
+        projector = kind.build(SimpleNamespace(**config), projector_type(kind.name).depth)
         linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
         assert linears[0].in_features == mapping.num_layers * config["mm_hidden_size"]
         assert len(linears) == 2 and linears[-1].out_features == config["hidden_size"]
