@@ -30,6 +30,17 @@ def figure(size: Tuple[int, int], rows: int = 1, columns: int = 1, **kwargs):
     return fig, axes
 
 
+def log_y(ax) -> None:
+    """A log y axis with plain tick labels (0.5, 2, 10 rather than 5 x 10^-1)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def to_image(fig):
     """The figure rendered to an RGB PIL image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -110,7 +121,7 @@ def plot_curves(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], hlin
     for k, (label, value) in enumerate(hlines.items()):
         ax.axhline(value, color=("0.45" if k == 0 else (0.78, 0.24, 0.24)), linestyle="--", linewidth=1, label=label)
     if log:
-        ax.set_yscale("log")
+        log_y(ax)
     elif min(finite + list(hlines.values())) >= 0:
         ax.set_ylim(bottom=0)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)

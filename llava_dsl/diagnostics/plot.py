@@ -7,7 +7,7 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 from llava_dsl.diagnostics.stats import STATS_FILE
-from llava_dsl.plots import colour, figure, save_png, to_image
+from llava_dsl.plots import colour, figure, log_y, save_png, to_image
 
 # (key in a window's group summary, row title, log scale)
 ROWS = (
@@ -80,7 +80,7 @@ def plot(run_dirs: Sequence[str], out: str) -> str:
                 ax.plot([x for x, _ in points], [y for _, y in points], color=colour(groups.index(group)),
                         linewidth=1.8, marker="o", markersize=4, label=group)
             if log:
-                ax.set_yscale("log")
+                log_y(ax)
             elif key == "cos_mean":
                 ax.axhline(0.0, color="0.6", linewidth=0.8)
             ax.set_title((f"{stats['label']}\n" if row == 0 else "") + title + ("  (log)" if log else ""),
