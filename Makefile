@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt setuptools wheel ninja packaging py-cpuinfo psutil pydantic hjson numpy
 	$(PIP) install --quiet -c constraints.txt --no-build-isolation deepspeed
 	$(PIP) install --quiet --no-deps llava-torch==1.2.2.post1
-	$(PIP) install --quiet -c constraints.txt -e '.[llava,test]'
+	$(PIP) install --quiet -c constraints.txt -e '.[llava,study,test]'
 	touch $(STAMP)
 
 # `make test` runs every suite, each in its own environment, two at a time: the main one in two parts (test-main,
