@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from llava_dsl.config_schema import HF_DETACH_LAYERS
 from llava_dsl.skip_links.layer_spec import LayerSpec, LayerSpecError, parse_layer_list, resolve_layer_spec
 
 from .families import (
@@ -43,7 +44,7 @@ from .families import (
 
 logger = logging.getLogger("llava_dsl.hf")
 
-CONFIG_KEY = "dsl_detach_layers"
+CONFIG_KEY = HF_DETACH_LAYERS  # the name an export of the LLaVA path writes too
 _STATE = "_llava_dsl_state"
 SUPPORTED = ADAPTERS  # class name -> family adapter (llava_dsl.hf.families)
 

@@ -283,7 +283,7 @@ def main(argv=None) -> Dict:
 
     from llava_dsl.checkpointing.atomic import atomic_torch_save, atomic_write_text
 
-    from .core import DSLError
+    from .core import CONFIG_KEY, DSLError
     from .data import DataError, load_llava_json
 
     try:
@@ -322,7 +322,7 @@ def main(argv=None) -> Dict:
                          eval_batch_size=args.eval_batch_size, autocast_dtype=dtype)
     report = {
         "model": args.model_name_or_path, "model_class": type(model).__name__,
-        "dsl_detach_layers": getattr(model.config, "dsl_detach_layers", None),
+        CONFIG_KEY: getattr(model.config, CONFIG_KEY, None),
         "depth": depth, "num_llm_layers": num_layers, "geometry": geometry.as_dict(), "device": str(device),
         "dtype": args.dtype,
         "train_images": split, "eval_images": n_eval, "thresholds": thresholds,
