@@ -2,6 +2,7 @@
 ``remove_detached_skip_links`` act on the copy that trains, whether the detach is applied before or after
 ``get_peft_model``; and a launched 2-rank DDP LoRA run with ``ddp_find_unused_parameters=False``."""
 import json
+import re
 import sys
 
 import pytest
@@ -94,6 +95,6 @@ def test_ddp_two_ranks_lora_with_the_tower_in_modules_to_save(data, tmp_path):  
                   free_port(), "-m", "llava_dsl.hf.sft"] + sft_args(
         data, out, model="model_low", steps=2, lora_r=4, ddp_find_unused_parameters="False", ddp_backend="gloo"),
         timeout=400)
-    assert "modules_to_save.default.vision_model.encoder.layers.3" in log
+    assert re.search(r"froze 2 .*modules_to_save\.default\.(vision_model\.)?encoder\.layers\.3", log), log[-3000:]
     with open(out / "adapter_config.json") as f:
         assert sorted(json.load(f)["modules_to_save"]) == ["multi_modal_projector", "vision_tower"]
