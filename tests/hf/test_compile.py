@@ -5,7 +5,9 @@ gradient equals the eager hooked one, not the naive one), the guard still refuse
 The backend is ``aot_eager``: TorchDynamo traces the module and its hooks and AOTAutograd builds the joint
 forward/backward graph, which is where a hook could be lost; inductor only generates the kernels of that graph
 (measured once on 2 CPU cores: about 4 minutes to compile this tiny model, the shallow-block gradient within 4e-10 of
-eager's at a scale of 7e-4), too slow for the in-process suite."""
+eager's at a scale of 7e-4), too slow for the suite. The gradient test still compiles the whole tiny model (about
+30 s of CPU, 90 s on 2 loaded cores), so it is marked ``launch``: make test-hf5 runs it once; the guard test stops at
+the first traced module and stays in process."""
 import pytest
 import torch
 from hf_helpers import assert_same
@@ -21,6 +23,7 @@ def _compiled_grads(compiled, inputs, prefix):
             if n.startswith(prefix) and p.grad is not None}
 
 
+@pytest.mark.launch
 def test_compiled_model_trains_with_the_hook():
     torch._dynamo.reset()
     model, inputs, prefix = build("llava")
@@ -28,11 +31,10 @@ def test_compiled_model_trains_with_the_hook():
     naive = backward(model, inputs, prefix)
     compiled = torch.compile(model, backend="aot_eager")
     assert unwrap_model(compiled) is model
-    assert_same(_compiled_grads(compiled, inputs, prefix), naive, "compiled vs eager, no hook")
-    apply_detached_skip_links(compiled, detach_layers=[1])  # through the wrapper, after a first compiled call
+    apply_detached_skip_links(compiled, detach_layers=[1])  # through the compiled wrapper
     assert is_applied(model) and model.config.dsl_detach_layers == [1]
     eager = backward(model, inputs, prefix)
-    got = _compiled_grads(compiled, inputs, prefix)  # TorchDynamo guards on the module's hooks: recompiled
+    got = _compiled_grads(compiled, inputs, prefix)
     assert_same(got, eager, "compiled vs eager, hooked")
     shallow = [k for k in got if "layers.0." in k]
     assert shallow and any(not torch.equal(got[k], naive[k]) for k in shallow)

@@ -10,12 +10,21 @@ import torch
 from hf_helpers import ROOT, assert_same
 from test_core import backward, build
 
-from llava_dsl.hf import ADAPTERS, DSLError, adapter_for, apply_detached_skip_links, remove_detached_skip_links
+from llava_dsl.hf import (
+    ADAPTERS,
+    DSLError,
+    adapter_for,
+    apply_detached_skip_links,
+    lora_target_modules,
+    remove_detached_skip_links,
+    tower_parameter_names,
+)
 from llava_dsl.hf.diagnostics import feature_layout
 from llava_dsl.hf.families import FAMILIES
 
 
 def test_one_registry_entry_per_class_and_each_family_found_through_it():
+    """Each family by its class name; its tower / projector split and LoRA's exclusions come from the adapter."""
     for family in FAMILIES:
         assert ADAPTERS[family.outer_name] is family and ADAPTERS[family.inner_name] is family
     for name in ["llava", "llava_next", "vipllava", "qwen3_vl"]:
@@ -23,6 +32,12 @@ def test_one_registry_entry_per_class_and_each_family_found_through_it():
         adapter = adapter_for(model)
         assert type(adapter).outer_name == type(model).__name__
         assert adapter_for(model.model).inner is model.model  # the inner model alone is found too
+        tower = "model.visual." if name == "qwen3_vl" else "model.vision_tower."
+        names = tower_parameter_names(model)
+        assert names and all(n.startswith(tower) and "merger" not in n for n in names)
+        assert not [n for n in lora_target_modules(model) if n.startswith(tower)]
+        with_projector = set(lora_target_modules(model, include_projector=True)) - set(lora_target_modules(model))
+        assert with_projector and all("merger" in n or "multi_modal_projector" in n for n in with_projector)
 
 
 def test_vipllava_main_is_the_deepest_listed_layer_and_never_detached():
