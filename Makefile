@@ -156,12 +156,16 @@ clean-lmms:
 VENV_SWIFT ?= .venv-swift
 SWIFT_STAMP := $(VENV_SWIFT)/.llava-dsl-swift-installed
 SWIFT_PIP := $(VENV_SWIFT)/bin/python -m pip install --quiet -c scripts/frameworks/swift/constraints.txt
+VENV_AXOLOTL ?= .venv-axolotl
+AXOLOTL_STAMP := $(VENV_AXOLOTL)/.llava-dsl-axolotl-installed
+AXOLOTL_PIP := $(VENV_AXOLOTL)/bin/python -m pip install --quiet -c scripts/frameworks/axolotl/constraints.txt
 VENV_LF ?= .venv-llamafactory
 LF_STAMP := $(VENV_LF)/.llava-dsl-llamafactory-installed
 LF_PIP := $(VENV_LF)/bin/python -m pip install --quiet -c scripts/frameworks/llamafactory/constraints.txt
 INTEGRATIONS_PYTEST_ARGS ?=
 
-.PHONY: venv-swift venv-llamafactory test-integrations test-swift test-llamafactory clean-integrations
+.PHONY: venv-swift venv-llamafactory venv-axolotl test-integrations test-swift test-llamafactory test-axolotl \
+        clean-integrations
 
 venv-swift: $(SWIFT_STAMP)
 
@@ -195,9 +199,26 @@ $(LF_STAMP): scripts/frameworks/llamafactory/constraints.txt scripts/frameworks/
 	    llava_dsl.integrations.llamafactory
 	touch $(LF_STAMP)
 
+# axolotl goes in with --no-deps after its dependencies less the GPU-only kernels; bitsandbytes and triton stay
+# (scripts/frameworks/axolotl/: constraints.txt and requirements.txt say why).
+venv-axolotl: $(AXOLOTL_STAMP)
+
+$(AXOLOTL_STAMP): scripts/frameworks/axolotl/constraints.txt scripts/frameworks/axolotl/requirements.txt \
+                  scripts/frameworks/check_env.py
+	$(PYTHON) -m venv $(VENV_AXOLOTL)
+	echo '*' > $(VENV_AXOLOTL)/.gitignore
+	$(VENV_AXOLOTL)/bin/python -m pip install --quiet --upgrade pip
+	$(AXOLOTL_PIP) torch==2.13.0
+	$(AXOLOTL_PIP) -r scripts/frameworks/axolotl/requirements.txt
+	$(AXOLOTL_PIP) --no-deps axolotl
+	$(AXOLOTL_PIP) -e '.[hf]'
+	OMP_NUM_THREADS=1 $(VENV_AXOLOTL)/bin/python scripts/frameworks/check_env.py axolotl --allow-triton \
+	    axolotl.cli.train axolotl.core.builders llava_dsl.integrations.axolotl
+	touch $(AXOLOTL_STAMP)
+
 # tests/integrations in each framework's environment (its conftest.py collects a file only where its framework
 # imports): a few 2-step runs of the framework's own entry per file.
-test-integrations: test-swift test-llamafactory
+test-integrations: test-swift test-llamafactory test-axolotl
 
 test-swift: $(SWIFT_STAMP)
 	OMP_NUM_THREADS=1 $(VENV_SWIFT)/bin/python -m pytest tests/integrations $(INTEGRATIONS_PYTEST_ARGS)
@@ -205,5 +226,8 @@ test-swift: $(SWIFT_STAMP)
 test-llamafactory: $(LF_STAMP)
 	OMP_NUM_THREADS=1 $(VENV_LF)/bin/python -m pytest tests/integrations $(INTEGRATIONS_PYTEST_ARGS)
 
+test-axolotl: $(AXOLOTL_STAMP)
+	OMP_NUM_THREADS=1 $(VENV_AXOLOTL)/bin/python -m pytest tests/integrations $(INTEGRATIONS_PYTEST_ARGS)
+
 clean-integrations:
-	rm -rf $(VENV_SWIFT) $(VENV_LF)
+	rm -rf $(VENV_SWIFT) $(VENV_LF) $(VENV_AXOLOTL)

@@ -1,9 +1,10 @@
 """The last step of `make venv-swift / venv-llamafactory / venv-axolotl`: fail the build (before its stamp) unless the
 environment is the CPU stack it pins and the framework's training entry and llava_dsl's integration import.
 
-    python scripts/frameworks/check_env.py FRAMEWORK MODULE...    # e.g. llamafactory llamafactory.train.tuner
+    python scripts/frameworks/check_env.py FRAMEWORK [--allow-triton] MODULE...  # llamafactory llamafactory.train.tuner
 
-- torch is the local CPU build and no CUDA runtime package (nvidia-*, triton, cuda-*) came in;
+- torch is the local CPU build and no CUDA runtime package (nvidia-*, triton, cuda-*) came in; --allow-triton lets
+  triton stay (axolotl imports it unconditionally: scripts/frameworks/axolotl/requirements.txt);
 - no torchvision / torchaudio distribution is installed (PyPI's builds do not load beside the CPU torch);
 - each MODULE imports (the framework's entry, llava_dsl.integrations.<framework>).
 """
@@ -12,10 +13,11 @@ import sys
 from importlib import metadata
 
 
-def main(framework, modules):
+def main(framework, modules, allow_triton=False):
     problems = []
     names = sorted({(d.metadata["Name"] or "").lower() for d in metadata.distributions()})
-    cuda = [n for n in names if n.startswith(("nvidia", "cuda-")) or n in ("triton", "pytorch-triton")]
+    cuda = [n for n in names if n.startswith(("nvidia", "cuda-")) or n == "pytorch-triton"
+            or (n == "triton" and not allow_triton)]
     if cuda:
         problems.append(f"CUDA packages in the environment: {cuda}")
     torch_version = metadata.version("torch")
@@ -39,4 +41,4 @@ def main(framework, modules):
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1], [m for m in sys.argv[2:] if m != "--allow-triton"], allow_triton="--allow-triton" in sys.argv)

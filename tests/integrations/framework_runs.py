@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from support import run_in_process_group
+from support import ROOT, TESTS, run_in_process_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHALLOW = "encoder.layers.0.mlp.fc1.weight"  # block 1 (hidden state 1): reached by the main path and by tap 1
@@ -40,7 +40,9 @@ def write_jsonl(path, rows):
 
 
 def run(command, env=None, timeout=300, expect_ok=True):
-    returncode, output = run_in_process_group(command, env={**OFFLINE, **(env or {})}, timeout=timeout)
+    # this folder on the path too: the recorder plugins (capture_*.py) are imported by module name
+    env = {**OFFLINE, "PYTHONPATH": os.pathsep.join([ROOT, TESTS, HERE]), **(env or {})}
+    returncode, output = run_in_process_group(command, env=env, timeout=timeout)
     if expect_ok and returncode != 0:
         raise AssertionError(f"{' '.join(map(str, command))} failed ({returncode}):\n{output[-6000:]}")
     return returncode, output
