@@ -169,7 +169,8 @@ INTEGRATIONS_PYTEST_ARGS ?=
 
 venv-swift: $(SWIFT_STAMP)
 
-$(SWIFT_STAMP): scripts/frameworks/swift/constraints.txt scripts/frameworks/swift/requirements.txt scripts/frameworks/check_env.py
+$(SWIFT_STAMP): scripts/frameworks/swift/constraints.txt scripts/frameworks/swift/requirements.txt \
+                scripts/frameworks/check_env.py
 	$(PYTHON) -m venv $(VENV_SWIFT)
 	echo '*' > $(VENV_SWIFT)/.gitignore
 	$(VENV_SWIFT)/bin/python -m pip install --quiet --upgrade pip
