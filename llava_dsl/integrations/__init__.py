@@ -1,7 +1,7 @@
 """Detached Skip-Links inside fine-tuning frameworks, each in its own idiom (docs/integrations.md):
 
-* axolotl: ``llava_dsl.integrations.axolotl.DSLPlugin``, an ``axolotl.plugins`` entry point; YAML ``dsl_detach_layers``.
-* ms-swift: ``--external_plugins <llava_dsl/integrations/swift.py> --callbacks dsl``; layers from ``DSL_DETACH_LAYERS``.
+* axolotl: ``plugins: [llava_dsl.integrations.axolotl.DSLPlugin]`` and ``dsl_detach_layers`` in its YAML.
+* ms-swift: ``--external_plugins <llava_dsl/integrations/ms_swift.py> --callbacks dsl``; ``DSL_DETACH_LAYERS``.
 * LLaMA-Factory: ``python -m llava_dsl.integrations.llamafactory cfg.yaml``; ``dsl_detach_layers`` in the same YAML.
 
 Each is a thin adapter from the framework's configuration to ``configure`` below, which calls ``llava_dsl.hf``
