@@ -37,6 +37,8 @@ def _fmt(value, digits: int = 3) -> str:
 def _ms(summary: Dict, digits: int = 3) -> str:
     if summary["mean"] is None:
         return "–"
+    if summary["n"] < 2:  # one seed: no spread to show
+        return _fmt(summary["mean"], digits)
     return f"{_fmt(summary['mean'], digits)} ± {_fmt(summary['std'], 2)}"
 
 
@@ -225,8 +227,8 @@ def figures(result: Dict, out_dir: str) -> Dict[str, str]:
     rows += [(name.replace("_", " "), r["mean"], r["ci"]) for name, r in result["summary"]["paired_vs_single"].items()
              if r["mean"] is not None]
     if rows:
-        files["paired"] = save_png(interval_plot(rows, "Paired differences (same seed): mean and 95 % t-interval; "
-                                                       "detached − naive first", "points"),
+        files["paired"] = save_png(interval_plot(rows, "Paired differences (same seed): mean and 95 % "
+                                                       "t-interval", "points"),
                                    os.path.join(out_dir, "study_paired.png"))
     # stage-2 loss, one line per arm and seed
     series = {}
