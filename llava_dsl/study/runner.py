@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-from llava_dsl.checkpointing.atomic import atomic_write_text
+from llava_dsl.checkpointing.atomic import atomic_folder, atomic_write_text
 from llava_dsl.demo.stage_flags import as_argv, tiny_stage_flags
 from llava_dsl.study.plan import ARMS, SHORT, Plan
 
@@ -167,7 +167,7 @@ def seed_parts(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> Di
 
     out = os.path.join(units.output_dir, "parts", f"seed{seed}")
     lm_dir = os.path.join(out, "lm")
-    if not os.path.isfile(os.path.join(lm_dir, "SEED")):
+    if not os.path.isdir(lm_dir):  # published whole or not at all
         reseed_lm(paths["llm"], seed, lm_dir)
     data = build_data(os.path.join(out, "heldout"),
                       OcrDataConfig(seed=plan.eval_data_seed(seed), image_size=plan.image_size, num_pretrain=16,
@@ -198,15 +198,16 @@ def reseed_lm(source: str, seed: int, out_dir: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     staging = out_dir + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "BUILD.json"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-    model.save_pretrained(staging, safe_serialization=True)
-    atomic_write_text(os.path.join(staging, "SEED"), f"initial weights of {source} redrawn with torch seed {seed}\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed study
+    with atomic_folder(out_dir, staging):
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "BUILD.json"),
+                        dirs_exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+        model.save_pretrained(staging, safe_serialization=True)
+        atomic_write_text(os.path.join(staging, "SEED"), f"initial weights of {source} redrawn with torch seed "
+                                                         f"{seed}\n")
 
 
 def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None:

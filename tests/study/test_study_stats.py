@@ -203,3 +203,22 @@ def test_default_plan_is_the_powered_one_and_quick_is_small():
     assert plan.eval_data_seed(0) != plan.data_seed  # the held-out sample is the seed's own
     quick = make_plan(QUICK["scale"], QUICK["seeds"], full_seeds=QUICK["full_seeds"])
     assert len(quick.seeds) >= 2 and [s for s in quick.seeds if quick.is_full(s)] == [0]
+
+
+def test_a_seed_redraws_the_lm_initialisation_and_keeps_its_tokenizer(tmp_path):
+    from safetensors.torch import load_file
+
+    from llava_dsl.assets.tiny_models import build_language_model, build_tokenizer
+    from llava_dsl.study.runner import reseed_lm
+
+    tokenizer = build_tokenizer(str(tmp_path / "tokenizer"))
+    source = tmp_path / "lm"
+    build_language_model(str(source), tokenizer, hidden_size=32)
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        reseed_lm(str(source), seed, str(tmp_path / name))
+    a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
+    assert set(a) == set(load_file(str(source / "model.safetensors")))
+    assert all((a[k] == b[k]).all() for k in a)  # the same seed, the same weights
+    assert any(not (a[k] == c[k]).all() for k in a)  # another seed, other weights
+    assert (tmp_path / "c" / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+    assert not (tmp_path / "c.partial").exists()
