@@ -27,12 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 # `make test` runs every suite, each in its own environment, two at a time: the main one in two parts (test-main,
 # and test-reading: the tests that build the pretrained parts and run the demo on them, about 12 minutes of one
-# core), the stock Hugging Face ones (test-hf) and lmms-eval's (test-lmms). Each part's output is printed whole when
-# it ends. TEST_JOBS=1 runs them one after another; `.venv/bin/python -m pytest` runs both main parts in one go.
+# core), the stock Hugging Face ones (test-hf), lmms-eval's (test-lmms) and the fine-tuning frameworks'
+# (test-integrations: ms-swift, LLaMA-Factory, axolotl). Each part's output is printed whole when it ends.
+# TEST_JOBS=1 runs them one after another; `.venv/bin/python -m pytest` runs both main parts in one go.
 TEST_JOBS ?= 2
 READING_TESTS := tests/assets/test_pretrained.py tests/demo
 test:
-	$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target test-main test-reading test-hf test-lmms
+	$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target test-main test-reading test-hf test-lmms \
+	    test-integrations
 
 # The tests start python, deepspeed and shellcheck from beside the interpreter that runs them (tests/support.py),
 # so `.venv/bin/python -m pytest` works the same with any PATH. tests/export loads its exports with stock
