@@ -16,9 +16,12 @@ from typing import List, Optional, Sequence
 
 from torch import nn
 
+from llava_dsl.config_schema import HF_DETACH_LAYERS
+from llava_dsl.skip_links.layer_spec import parse_layer_list
+
 logger = logging.getLogger("llava_dsl.integrations")
 
-CONFIG_KEY = "dsl_detach_layers"  # = llava_dsl.hf.CONFIG_KEY (not imported: that import installs the guard)
+CONFIG_KEY = HF_DETACH_LAYERS  # llava_dsl.hf's key, named where importing it installs no guard
 
 
 @dataclass(frozen=True)
@@ -38,19 +41,11 @@ class DSLOptions:
 
 
 def parse_layers(value, source: str) -> Optional[List[int]]:
-    """``[3, 1]``, ``"3,1"``, ``"[3, 1]"`` or ``3`` -> ``[3, 1]`` / ``[3]``; None or ``""`` -> None."""
+    """``[3, 1]``, ``"3,1"``, ``"[3, 1]"`` or ``3`` -> ``[3, 1]`` / ``[3]`` by the package's one layer-list rule;
+    None or ``""`` (an unset environment variable) -> None."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, str):
-        parts = [p for p in value.strip().strip("[]").replace(" ", "").split(",") if p]
-    elif isinstance(value, int):
-        parts = [value]
-    else:
-        parts = list(value)
-    try:
-        return [int(p) for p in parts]
-    except (TypeError, ValueError):
-        raise ValueError(f"{source}={value!r}: expected hidden-state indices such as 3,1 or [3, 1]") from None
+    return list(parse_layer_list([value] if isinstance(value, int) else value, flag=source))
 
 
 def parse_depth(value, source: str) -> Optional[int]:

@@ -8,7 +8,7 @@ from llava_dsl.integrations.axolotl import DSLArgs, options_from_cfg
 def test_layer_forms():
     assert parse_layers("3,1", "x") == parse_layers("[3, 1]", "x") == parse_layers([3, 1], "x") == [3, 1]
     assert parse_layers(2, "x") == [2] and parse_layers("", "x") is None and parse_layers(None, "x") is None
-    with pytest.raises(ValueError, match=r"dsl_detach_layers='3,a': expected hidden-state indices"):
+    with pytest.raises(ValueError, match=r"dsl_detach_layers='3,a': 'a' is not an integer"):
         parse_layers("3,a", "dsl_detach_layers")
 
 
