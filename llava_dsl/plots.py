@@ -7,15 +7,7 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-
 DPI = 100
-
-
-def colour(index: int) -> Tuple[float, float, float]:
-    """PALETTE[index] (cycled) as matplotlib's 0-1 RGB."""
-    return tuple(c / 255 for c in PALETTE[index % len(PALETTE)])
 
 
 def figure(size: Tuple[int, int], rows: int = 1, columns: int = 1, **kwargs):
@@ -116,7 +108,7 @@ def plot_curves(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], hlin
     if not finite and not hlines:
         raise ValueError("nothing to plot")
     for k, (label, (xs, ys)) in enumerate(series.items()):
-        ax.plot(xs, ys, color=colour(k), linewidth=1.8, marker="o" if len(xs) <= 60 else None, markersize=3,
+        ax.plot(xs, ys, color=f"C{k}", linewidth=1.8, marker="o" if len(xs) <= 60 else None, markersize=3,
                 label=label)
     for k, (label, value) in enumerate(hlines.items()):
         ax.axhline(value, color=("0.45" if k == 0 else (0.78, 0.24, 0.24)), linestyle="--", linewidth=1, label=label)
@@ -141,10 +133,10 @@ def interval_plot(rows: Sequence[Tuple[str, float, Optional[Sequence[float]]]], 
     for i, (label, value, interval) in enumerate(rows):
         y = len(rows) - 1 - i
         if interval is not None:
-            ax.errorbar(value, y, xerr=[[value - interval[0]], [interval[1] - value]], fmt="o", color=colour(i),
+            ax.errorbar(value, y, xerr=[[value - interval[0]], [interval[1] - value]], fmt="o", color=f"C{i}",
                         capsize=4, markersize=5)
         else:
-            ax.plot([value], [y], "o", color=colour(i), markersize=5)
+            ax.plot([value], [y], "o", color=f"C{i}", markersize=5)
     if reference is not None:
         ax.axvline(reference, color="0.4", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(rows)), [label for label, _, _ in reversed(rows)], fontsize=8)

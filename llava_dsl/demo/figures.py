@@ -29,10 +29,8 @@ def _panels(count: int, columns: int, panel: Tuple[int, int], title: Optional[st
 
 def _lines(ax, series: Dict[str, Tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str) -> None:
     """One line per series, dots where they stay readable, axes fitted to the data, the legend inside."""
-    from llava_dsl.plots import colour
-
     for i, (label, (xs, ys)) in enumerate(series.items()):
-        ax.plot(xs, ys, color=colour(i), linewidth=1.8, marker="o" if len(xs) <= 30 else None, markersize=3,
+        ax.plot(xs, ys, color=f"C{i}", linewidth=1.8, marker="o" if len(xs) <= 30 else None, markersize=3,
                 label=label)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)

@@ -7,7 +7,7 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 from llava_dsl.diagnostics.stats import STATS_FILE
-from llava_dsl.plots import colour, figure, log_y, save_png, to_image
+from llava_dsl.plots import figure, log_y, save_png, to_image
 
 # (key in a window's group summary, row title, log scale)
 ROWS = (
@@ -77,7 +77,7 @@ def plot(run_dirs: Sequence[str], out: str) -> str:
             ax = axes[row, column]
             for group, points in series(stats, key).items():
                 points = [(x, y) for x, y in points if not log or y > 0]
-                ax.plot([x for x, _ in points], [y for _, y in points], color=colour(groups.index(group)),
+                ax.plot([x for x, _ in points], [y for _, y in points], color=f"C{groups.index(group)}",
                         linewidth=1.8, marker="o", markersize=4, label=group)
             if log:
                 log_y(ax)
@@ -88,6 +88,6 @@ def plot(run_dirs: Sequence[str], out: str) -> str:
             ax.grid(alpha=0.3)
             if row == len(ROWS) - 1:
                 ax.set_xlabel("optimizer step (window end)", fontsize=8)
-    handles = [Line2D([], [], color=colour(i), linewidth=3) for i in range(len(groups))]
+    handles = [Line2D([], [], color=f"C{i}", linewidth=3) for i in range(len(groups))]
     fig.legend(handles, groups, loc="outside lower center", ncol=len(groups), fontsize=8, frameon=False)
     return save_png(to_image(fig), out)

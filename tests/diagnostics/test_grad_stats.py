@@ -10,16 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 from support import DEEPSPEED, ROOT, free_port, llava_flags, run_module
 from safetensors.torch import load_file
 
 from llava_dsl.diagnostics.callback import GradStatsCallback, attach_grad_stats, is_measured_step
 from llava_dsl.diagnostics.splitter import GradientSplitter, group_bounds, split_into_main_and_skip
 from llava_dsl.diagnostics.stats import WindowAccumulator, cosine, gradient_snr, trace_covariance
-from llava_dsl.plots import PALETTE
 from llava_dsl.skip_links.layer_spec import resolve_layer_spec
 
 TAPS = "2,4,6"  # 8-block tower, main -2 = block 7: groups embeddings, 1-2, 3-4, 5-6, 7
+PALETTE = [tuple(round(255 * c) for c in to_rgb(f"C{i}")) for i in range(10)]  # the default cycle the plots use
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread only adds contention on a shared machine
 
 
