@@ -46,23 +46,6 @@ from llava_dsl.rprobe.runner import (
 )
 
 
-class RunningMean:
-    """Per-pixel mean of target images, accumulated in float64 (the trivial predictor)."""
-
-    def __init__(self):
-        self.total: Optional[torch.Tensor] = None
-        self.count = 0
-
-    def update(self, images: torch.Tensor) -> None:
-        s = images.detach().double().sum(dim=0)
-        self.total = s if self.total is None else self.total + s
-        self.count += images.shape[0]
-
-    def value(self) -> torch.Tensor:
-        if not self.count:
-            raise ValueError("the mean of zero images is undefined")
-        return (self.total / self.count).float()
-
 STATE_FILE = "probe_state.json"  # in a training checkpoint: step, history, losses, the run's flags
 
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder of a ZeRO-3 training checkpoint that DeepSpeed writes
@@ -100,18 +83,20 @@ def trivial_baseline(train_set: ProbeImageSet, eval_set: ProbeImageSet, cfg: Pro
                      mean: Sequence[float], std: Sequence[float]) -> Dict[str, Any]:
     """The mean training target (per pixel) as the prediction for every held-out image."""
     key = "target" if cfg.conditional else "pixels"
-    running = RunningMean()
+    total, count = 0.0, 0  # summed in float64
     for batch in _loader(train_set.subset(cfg.baseline_max_images), batch_size=cfg.batch_size,
                          num_workers=cfg.num_workers):
-        running.update(batch[key])
-    mean_image = running.value()
+        total, count = total + batch[key].double().sum(dim=0), count + batch[key].shape[0]
+    if not count:
+        raise ValueError("the mean of zero images is undefined")
+    mean_image = (total / count).float()
     mse, psnr = [], []
     for batch in _loader(eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers):
         guess = mean_image.unsqueeze(0).expand_as(batch[key])
         mse.append(per_image_mse(guess, batch[key]))
         psnr.append(per_image_psnr(guess, batch[key], mean, std))
     return {"mse": float(torch.cat(mse).mean()), "psnr": float(torch.cat(psnr).mean()),
-            "train_images": running.count, "mean_image": mean_image}
+            "train_images": count, "mean_image": mean_image}
 
 
 def evaluate(forward, eval_set: ProbeImageSet, geometry: ProbeGeometry, cfg: ProbeConfig, device,
