@@ -121,7 +121,7 @@ class FamilyAdapter:
     # where the parts are --------------------------------------------------------------------------
     def tower(self) -> nn.Module:
         """The vision tower that trains."""
-        raise NotImplementedError
+        return active(self.tower_root())
 
     def tower_root(self) -> nn.Module:
         """The tower's attribute on the model as it is (a PEFT wrapper included): every module under it is tower."""
@@ -182,9 +182,6 @@ class ConcatProjectorFamily(FamilyAdapter):
 
     channel_slices = True
     layers_key = "vision_feature_layer"
-
-    def tower(self):
-        return active(self.inner.vision_tower)
 
     def tower_root(self):
         return self.inner.vision_tower
@@ -311,9 +308,6 @@ class Qwen3VLFamily(FamilyAdapter):
     fixed_taps = True
     no_channel_slices = "Qwen3-VL feeds its DeepStack taps through separate mergers"
     no_token_per_patch = "Qwen3-VL's merged patches do not map a token to one patch"
-
-    def tower(self):
-        return active(self.inner.visual)
 
     def tower_root(self):
         return self.inner.visual
