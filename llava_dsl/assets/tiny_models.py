@@ -79,12 +79,8 @@ artificial intelligence gives between written shown contains printed visible
 yes no not maybe please thanks hello goodbye sorry okay sure right left
 """.split()
 
-_QUESTIONS_NUMBER = [
-    "Is it a number?",
-    "Is the text a number?",
-    "Does the image show a number?",
-    "Is this a number or a word?",
-]
+_QUESTIONS_NUMBER = ["Is it a number?", "Is the text a number?", "Does the image show a number?",
+                     "Is this a number or a word?"]
 
 
 def _random_number(rng: random.Random) -> str:
@@ -157,27 +153,12 @@ def build_tokenizer(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
     model_buf = io.BytesIO()
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model_buf,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        user_defined_symbols=["USER"],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
+        sentence_iterator=iter(corpus), model_writer=model_buf, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, user_defined_symbols=["USER"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         # Llama's normalisation settings: keep text as is.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
     with tempfile.TemporaryDirectory(prefix="tiny_spm_") as tmp:
         model_path = os.path.join(tmp, "tokenizer.model")
         with open(model_path, "wb") as f:
@@ -208,19 +189,10 @@ def build_language_model(out_dir: str, tokenizer_dir: str, hidden_size: int = 64
     tokenizer = _load_tokenizer(tokenizer_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id, tie_word_embeddings=False, torch_dtype="float32")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -240,16 +212,9 @@ def build_vision_tower(out_dir: str, image_size: int = 32, patch_size: int = 8,
     if image_size % patch_size:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
     config = CLIPVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        projection_dim=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_channels=3,
-        image_size=image_size,
-        patch_size=patch_size,
-        torch_dtype="float32",
-    )
+        hidden_size=hidden_size, intermediate_size=intermediate_size, projection_dim=hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_channels=3, image_size=image_size,
+        patch_size=patch_size, torch_dtype="float32")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPVisionModel(config)
@@ -265,18 +230,11 @@ def save_image_processor(out_dir: str, image_size: int) -> None:
     from transformers import CLIPImageProcessor
 
     processor = CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": image_size},
+        do_resize=True, size={"shortest_edge": image_size},
         resample=3,  # PIL.Image.BICUBIC, as in openai/clip-vit-large-patch14-336
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_convert_rgb=True,
-    )
+        do_center_crop=True, crop_size={"height": image_size, "width": image_size}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+        do_convert_rgb=True)
     processor.save_pretrained(out_dir)
 
 
@@ -324,27 +282,15 @@ def write_llava_datasets(out_dir: str, num_samples: int = 16, seed: int = 0,
     records = render_text_images(out_dir, num_samples, seed=seed, image_size=image_size)
     rng = random.Random(f"tiny-questions-{seed}")
 
-    pretrain = []
-    finetune = []
+    pretrain, finetune = [], []
     for rec in records:
-        pretrain.append({
-            "id": rec["id"],
-            "image": rec["image"],
-            "conversations": [
-                {"from": "human", "value": "<image>"},
-                {"from": "gpt", "value": rec["text"]},
-            ],
-        })
-        finetune.append({
-            "id": rec["id"],
-            "image": rec["image"],
-            "conversations": [
-                {"from": "human", "value": "<image>\n" + rng.choice(TEXT_QUESTIONS)},
-                {"from": "gpt", "value": rec["text"]},
-                {"from": "human", "value": rng.choice(_QUESTIONS_NUMBER)},
-                {"from": "gpt", "value": "Yes." if is_number(rec["text"]) else "No."},
-            ],
-        })
+        pretrain.append({"id": rec["id"], "image": rec["image"], "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": rec["text"]}]})
+        finetune.append({"id": rec["id"], "image": rec["image"], "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(TEXT_QUESTIONS)},
+            {"from": "gpt", "value": rec["text"]},
+            {"from": "human", "value": rng.choice(_QUESTIONS_NUMBER)},
+            {"from": "gpt", "value": "Yes." if is_number(rec["text"]) else "No."}]})
 
     pretrain_path = os.path.join(out_dir, "pretrain.json")
     finetune_path = os.path.join(out_dir, "finetune.json")
@@ -352,22 +298,14 @@ def write_llava_datasets(out_dir: str, num_samples: int = 16, seed: int = 0,
         json.dump(pretrain, f, indent=1)
     with open(finetune_path, "w", encoding="utf-8") as f:
         json.dump(finetune, f, indent=1)
-    return {
-        "image_folder": os.path.join(out_dir, "images"),
-        "pretrain": pretrain_path,
-        "finetune": finetune_path,
-    }
+    return {"image_folder": os.path.join(out_dir, "images"), "pretrain": pretrain_path, "finetune": finetune_path}
 
 
 def _asset_paths(out_dir: str) -> Dict[str, str]:
     data_dir = os.path.join(out_dir, "data")
-    return {
-        "llm": os.path.join(out_dir, "llm"),
-        "vision_tower": os.path.join(out_dir, "clip-vit-tiny"),
-        "image_folder": os.path.join(data_dir, "images"),
-        "pretrain": os.path.join(data_dir, "pretrain.json"),
-        "finetune": os.path.join(data_dir, "finetune.json"),
-    }
+    return {"llm": os.path.join(out_dir, "llm"), "vision_tower": os.path.join(out_dir, "clip-vit-tiny"),
+            "image_folder": os.path.join(data_dir, "images"), "pretrain": os.path.join(data_dir, "pretrain.json"),
+            "finetune": os.path.join(data_dir, "finetune.json")}
 
 
 def build_all(out_dir: str, seed: int = 0, num_samples: int = 16, vision_layers: int = 8) -> dict:
@@ -379,12 +317,8 @@ def build_all(out_dir: str, seed: int = 0, num_samples: int = 16, vision_layers:
     """
     out_dir = os.path.abspath(out_dir)
     paths = _asset_paths(out_dir)
-    params = {
-        "format_version": ASSETS_FORMAT_VERSION,
-        "seed": seed,
-        "num_samples": num_samples,
-        "vision_layers": vision_layers,
-    }
+    params = {"format_version": ASSETS_FORMAT_VERSION, "seed": seed, "num_samples": num_samples,
+              "vision_layers": vision_layers}
     marker = os.path.join(out_dir, MARKER_NAME)
     if os.path.isfile(marker):
         try:
