@@ -16,19 +16,12 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_ro
 from llava_dsl.dpvr.spec import RoutingError, RoutingSpec
 
 
-def decoder_layer_forward(
-    layer: LlamaDecoderLayer,
-    hidden: torch.Tensor,
-    position_ids: torch.Tensor,
-    rope_len: int,
-    bias: Optional[torch.Tensor],
-    is_causal: bool,
-    eager: bool,
-    past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    kv_hidden: Optional[torch.Tensor] = None,
-    kv_position_ids: Optional[torch.Tensor] = None,
-    want_weights: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+def decoder_layer_forward(layer: LlamaDecoderLayer, hidden: torch.Tensor, position_ids: torch.Tensor, rope_len: int,
+                          bias: Optional[torch.Tensor], is_causal: bool, eager: bool,
+                          past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                          kv_hidden: Optional[torch.Tensor] = None, kv_position_ids: Optional[torch.Tensor] = None,
+                          want_weights: bool = False,
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
     """``LlamaDecoderLayer.forward`` with the attention written out (transformers 4.37.2, eager and SDPA paths).
 
     Queries come from ``hidden``; keys/values from ``kv_hidden`` (default ``hidden``) appended to ``past_kv``.
@@ -233,20 +226,11 @@ def _grid(weights: torch.Tensor, rows: torch.Tensor, row_valid: torch.Tensor, co
     return grid
 
 
-def routed_forward(
-    model,
-    side_branch: Optional[VisionSideBranch],
-    spec: RoutingSpec,
-    inputs_embeds: torch.Tensor,
-    image_mask: Optional[torch.Tensor] = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.Tensor] = None,
-    past_key_values: Optional[RoutedCache] = None,
-    use_cache: bool = False,
-    output_attentions: bool = False,
-    output_hidden_states: bool = False,
-    trunk_requires_grad: bool = True,
-) -> BaseModelOutputWithPast:
+def routed_forward(model, side_branch: Optional[VisionSideBranch], spec: RoutingSpec, inputs_embeds: torch.Tensor,
+                   image_mask: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                   position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[RoutedCache] = None,
+                   use_cache: bool = False, output_attentions: bool = False, output_hidden_states: bool = False,
+                   trunk_requires_grad: bool = True) -> BaseModelOutputWithPast:
     """DPVR-LF over ``model`` (a transformers ``LlamaModel``: ``layers``, ``norm``, ``config``).
 
     ``image_mask`` (B, N) marks the image positions of this chunk (None: none). ``attention_mask`` is the usual
@@ -384,9 +368,6 @@ def routed_forward(
         hidden_states.append(x)
     if cache is not None:
         cache.seen_tokens = total
-    return BaseModelOutputWithPast(
-        last_hidden_state=x,
-        past_key_values=cache,
-        hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        attentions=tuple(attentions) if output_attentions else None,
-    )
+    return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
+                                   hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                                   attentions=tuple(attentions) if output_attentions else None)
