@@ -49,8 +49,7 @@ def draw_loss_curves(losses: Dict[str, Dict[int, List[Tuple[int, float]]]], out:
         series = {p: ([s for s, _ in v], _smooth([l for _, l in v], window)) for p, v in runs.items()}
         _lines(ax, series, f"{name}: training loss" + (f", moving mean of {window}" if window > 1 else ""),
                "optimizer step")
-    save_png(to_image(fig), out)
-    return out
+    return save_png(to_image(fig), out)
 
 
 def grad_norm_series(stats: Dict, group: str, key: str) -> Tuple[List[int], List[float]]:
@@ -77,8 +76,7 @@ def draw_grad_norms(naive: Dict, detached: Dict, out: str) -> str:
                   "detached: applied": grad_norm_series(detached, name, "norm_applied")}
         title = f"{name}: ||grad||, reached by taps {reached}" if reached else f"{name}: ||grad||, no tap"
         _lines(ax, series, title, "optimizer step")
-    save_png(to_image(fig), out)
-    return out
+    return save_png(to_image(fig), out)
 
 
 def _fmt(value, digits: int = 3) -> str:
