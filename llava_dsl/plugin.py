@@ -26,13 +26,9 @@ from llava_dsl.dpvr import llava_patches as dpvr_patches
 from llava_dsl.dpvr.llava_patches import DPVRArguments, configure_routing, prepare_routed_training
 from llava_dsl.rprobe.aux_loss import RProbeAuxArguments, RProbeAuxMixin, attach_aux_probe_if_asked
 from llava_dsl.skip_links import llava_patches as skip_links_patches
-from llava_dsl.skip_links.llava_patches import (
-    JointTrainingArguments,
-    JointTrainingMixin,
-    SkipLinkModelArguments,
-    initialize_vision_modules as initialize_skip_links,
-    prepare_joint_training,
-)
+from llava_dsl.skip_links.llava_patches import (JointTrainingArguments, JointTrainingMixin, SkipLinkModelArguments,
+                                                initialize_vision_modules as initialize_skip_links,
+                                                prepare_joint_training)
 
 
 # Flags: LLaVA's dataclasses plus each feature's. train() builds its HfArgumentParser from these module globals.

@@ -33,14 +33,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from llava_dsl.assets.ocr_data import (
-    SHORT_ANSWER,
-    Rendered,
-    digit_style,
-    is_heldout_text,
-    render,
-    write_textvqa_annotations,
-)
+from llava_dsl.assets.ocr_data import (SHORT_ANSWER, Rendered, digit_style, is_heldout_text, render,
+                                       write_textvqa_annotations)
 
 MARKER = "DATA_MIX.json"
 

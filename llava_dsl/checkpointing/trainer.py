@@ -14,24 +14,12 @@ import torch
 from llava.constants import IGNORE_INDEX
 
 from llava_dsl.checkpointing.atomic import atomic_directory, atomic_file, atomic_torch_save, atomic_write_text
-from llava_dsl.checkpointing.completeness import (
-    checkpoint_problem,
-    latest_complete_checkpoint,
-    move_aside,
-    read_completion_marker,
-    set_aside_incomplete,
-    write_completion_marker,
-)
+from llava_dsl.checkpointing.completeness import (checkpoint_problem, latest_complete_checkpoint, move_aside,
+                                                  read_completion_marker, set_aside_incomplete, write_completion_marker)
 from llava_dsl.skip_links.adapter import load_adapter_checkpoint
 from llava_dsl.compat.distributed import say, say_once
-from llava_dsl.data_checks import (
-    DATA_CHECKS_FILE,
-    EXAMPLES_KEPT,
-    SKIPPED_FILE,
-    DataChecks,
-    MaskedSamplesError,
-    SampleTrackingCollator,
-)
+from llava_dsl.data_checks import (DATA_CHECKS_FILE, EXAMPLES_KEPT, SKIPPED_FILE, DataChecks, MaskedSamplesError,
+                                   SampleTrackingCollator)
 
 _UPSTREAM_SAFE_SAVE = llava_train.safe_save_model_for_hf_trainer
 

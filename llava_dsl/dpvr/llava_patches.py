@@ -25,14 +25,8 @@ from llava_dsl.compat.deepspeed import full_numel, gathered
 from llava_dsl.compat.distributed import print_once
 from llava_dsl.config_schema import keys_of
 from llava_dsl.dpvr.decoder import VisionSideBranch, routed_forward
-from llava_dsl.dpvr.spec import (
-    ROUTING_MODES,
-    SIDE_ATTENTION,
-    RoutingError,
-    RoutingSpec,
-    resolve_routing,
-    suggest_route_layer,
-)
+from llava_dsl.dpvr.spec import (ROUTING_MODES, SIDE_ATTENTION, RoutingError, RoutingSpec, resolve_routing,
+                                 suggest_route_layer)
 
 _UPSTREAM_META_INIT = llava_arch.LlavaMetaModel.__init__
 

@@ -9,14 +9,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from llava_dsl.evaluate.generate import EvalInputError, read_questions
-from llava_dsl.evaluate.scorers import (
-    OCRBENCH_CATEGORIES,
-    anls,
-    ocrbench_hit,
-    ocrbench_totals,
-    relaxed_correctness,
-    vqa_soft_accuracy,
-)
+from llava_dsl.evaluate.scorers import (OCRBENCH_CATEGORIES, anls, ocrbench_hit, ocrbench_totals, relaxed_correctness,
+                                        vqa_soft_accuracy)
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 

@@ -29,14 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from llava_dsl.checkpointing.atomic import atomic_write_text
 from llava_dsl.evaluate.benchmarks import LOADERS, Benchmark, _load_json
-from llava_dsl.evaluate.generate import (
-    EvalInputError,
-    add_generation_flags,
-    match_answers,
-    merge_answers,
-    read_answers,
-    read_questions,
-)
+from llava_dsl.evaluate.generate import (EvalInputError, add_generation_flags, match_answers, merge_answers,
+                                         read_answers, read_questions)
 
 
 def model_name_of(model_path: str) -> str:

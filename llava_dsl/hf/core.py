@@ -30,17 +30,8 @@ from torch import nn
 from llava_dsl.config_schema import HF_DETACH_LAYERS
 from llava_dsl.skip_links.layer_spec import LayerSpec, LayerSpecError, parse_layer_list, resolve_layer_spec
 
-from .families import (
-    ADAPTERS,
-    INNER_NAMES,
-    DSLError,
-    FamilyAdapter,
-    _absolute,
-    adapter_for,
-    is_modules_to_save_wrapper,
-    peft_original_parameters,
-    unwrap_model,
-)
+from .families import (ADAPTERS, INNER_NAMES, DSLError, FamilyAdapter, _absolute, adapter_for,
+                       is_modules_to_save_wrapper, peft_original_parameters, unwrap_model)
 
 logger = logging.getLogger("llava_dsl.hf")
 

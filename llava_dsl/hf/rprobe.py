@@ -33,17 +33,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from llava_dsl.rprobe.model import (
-    ProbeGeometry,
-    attention_bias,
-    patchify,
-    per_image_mse,
-    per_image_psnr,
-    probe_depth,
-    reconstruction_loss,
-    steps_to_threshold,
-    unpatchify,
-)
+from llava_dsl.rprobe.model import (ProbeGeometry, attention_bias, patchify, per_image_mse, per_image_psnr, probe_depth,
+                                    reconstruction_loss, steps_to_threshold, unpatchify)
 
 
 class HFRProbe(nn.Module):

@@ -22,28 +22,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from llava_dsl.checkpointing.atomic import atomic_folder, atomic_torch_save, atomic_write_text
-from llava_dsl.checkpointing.completeness import (
-    checkpoints,
-    latest_complete_checkpoint,
-    move_aside,
-    read_completion_marker,
-    set_aside_incomplete,
-    write_completion_marker,
-)
+from llava_dsl.checkpointing.completeness import (checkpoints, latest_complete_checkpoint, move_aside,
+                                                  read_completion_marker, set_aside_incomplete, write_completion_marker)
 from llava_dsl.compat.distributed import log_once, barrier, rank, world_size
 from llava_dsl.rprobe.checkpoint import LoadedCheckpoint
 from llava_dsl.rprobe.config import ProbeConfig
 from llava_dsl.rprobe.data import ProbeImageSet, batch_indices, collate
 from llava_dsl.rprobe.model import ProbeGeometry, RProbe, per_image_mse, per_image_psnr, unpatchify
-from llava_dsl.rprobe.runner import (
-    PROBE_FILE,
-    ProbeRunner,
-    _walk,
-    build_probe,
-    init_check,
-    probe_meta,
-    probe_state_dict,
-)
+from llava_dsl.rprobe.runner import (PROBE_FILE, ProbeRunner, _walk, build_probe, init_check, probe_meta,
+                                     probe_state_dict)
 
 
 STATE_FILE = "probe_state.json"  # in a training checkpoint: step, history, losses, the run's flags

@@ -13,18 +13,8 @@ from llava_dsl.checkpointing.atomic import atomic_torch_save
 from llava_dsl.compat.deepspeed import gathered
 from llava_dsl.rprobe.checkpoint import LoadedCheckpoint
 from llava_dsl.rprobe.config import ProbeConfig
-from llava_dsl.rprobe.model import (
-    PIXEL_LAYOUT,
-    ProbeGeometry,
-    ProbeMismatchError,
-    RProbe,
-    build_conditional_sequence,
-    copy_llm_weights,
-    patchify,
-    probe_depth,
-    reconstruction_loss,
-    weight_differences,
-)
+from llava_dsl.rprobe.model import (PIXEL_LAYOUT, ProbeGeometry, ProbeMismatchError, RProbe, build_conditional_sequence,
+                                    copy_llm_weights, patchify, probe_depth, reconstruction_loss, weight_differences)
 
 PROBE_FILE = "rprobe.bin"
 
