@@ -6,26 +6,10 @@
 Importing this package installs a guard: a supported model whose config carries ``dsl_detach_layers`` but has no
 hook fails at its first training forward instead of silently training naive fusion. See docs/hf.md.
 """
-from .core import (
-                   CONFIG_KEY,
-                   SUPPORTED,
-                   DSLError,
-                   DSLNotAppliedError,
-                   TowerLRMixin,
-                   apply_detached_skip_links,
-                   dsl_llava_config,
-                   dsl_state,
-                   install_guard,
-                   is_applied,
-                   lora_target_modules,
-                   lora_target_regex,
-                   remove_detached_skip_links,
-                   resolve,
-                   tower_param_groups,
-                   tower_parameter_names,
-                   unwrap_model,
-                   vision_tower,
-)
+from .core import (CONFIG_KEY, SUPPORTED, DSLError, DSLNotAppliedError, TowerLRMixin, apply_detached_skip_links,
+                   dsl_llava_config, dsl_state, install_guard, is_applied, lora_target_modules, lora_target_regex,
+                   remove_detached_skip_links, resolve, tower_param_groups, tower_parameter_names, unwrap_model,
+                   vision_tower)
 from .families import ADAPTERS, FamilyAdapter, adapter_for
 
 install_guard(True)
