@@ -25,7 +25,7 @@ from llava_dsl.checkpointing.atomic import atomic_write_text
 from llava_dsl.demo.stage_flags import claim_output_dir
 from llava_dsl.study.plan import DEFAULT_SCALE, DEFAULT_SEEDS, FULL_SEEDS, QUICK, Plan, PlanError, make_plan, \
     parse_seeds
-from llava_dsl.study.runner import MARKER, StudyError, Units, run_seed, say, seed_parts
+from llava_dsl.study.runner import MARKER, StudyError, Units, load_json, run_seed, say, seed_parts
 
 
 def build_paths(output_dir: str, plan: Plan, assets_root: Optional[str], override: Dict[str, Optional[str]]) -> Dict:
@@ -62,9 +62,8 @@ def check_output_dir(output_dir: str, plan: Plan) -> Plan:
     plan_file = os.path.join(output_dir, "plan.json")
     claim(output_dir)
     wanted = plan.to_json()
-    if os.path.isfile(plan_file):
-        with open(plan_file, encoding="utf-8") as f:
-            recorded = json.load(f)
+    recorded = load_json(plan_file)
+    if recorded is not None:
         # more seeds may be added to a finished study; anything else must match
         same = {k: v for k, v in recorded.items() if k != "seeds"} == {k: v for k, v in wanted.items() if k != "seeds"}
         if not same:
@@ -82,11 +81,9 @@ def load_paths(output_dir: str, plan: Plan, assets_root, override) -> Dict:
     """Paths of the first run are kept (paths.json), so a resumed study uses the same tower and LM even if the
     asset cache was rebuilt meanwhile."""
     path_file = os.path.join(output_dir, "paths.json")
-    if os.path.isfile(path_file):
-        with open(path_file, encoding="utf-8") as f:
-            paths = json.load(f)
-        if all(os.path.exists(p) for p in paths.values()):
-            return paths
+    paths = load_json(path_file)
+    if paths is not None and all(os.path.exists(p) for p in paths.values()):
+        return paths
     paths = build_paths(output_dir, plan, assets_root, override)
     atomic_write_text(path_file, json.dumps(paths, indent=1))
     return paths
@@ -128,10 +125,7 @@ def run_study(output_dir: str, plan: Plan, jobs: int, assets_root, override) -> 
         thread.join()
     elapsed = time.time() - started
     state_file = os.path.join(output_dir, "wall_seconds.json")
-    previous = {}
-    if os.path.isfile(state_file):
-        with open(state_file, encoding="utf-8") as f:
-            previous = json.load(f)
+    previous = load_json(state_file) or {}
     sessions = previous.get("sessions", []) + [{"seconds": round(elapsed, 1), "jobs": jobs,
                                                 "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                 "argv": sys.argv, "errors": [str(e) for _, e in errors]}]

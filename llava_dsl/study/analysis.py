@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 from llava_dsl.study import stats
 from llava_dsl.study.plan import ARMS, SHORT, Plan
-from llava_dsl.study.runner import damage_file, eval_dir, fixed_dir, stage_dir, use_dir
+from llava_dsl.study.runner import damage_file, eval_dir, fixed_dir, load_json, stage_dir, use_dir
 
 GRAD_KEYS = ("trcov_ratio", "cos_mean", "snr_main", "snr_full", "trcov_main", "trcov_skip", "norm_main", "norm_skip")
 
@@ -28,15 +28,8 @@ GRAD_KEYS = ("trcov_ratio", "cos_mean", "snr_main", "snr_full", "trcov_main", "t
 COS_NEAR_ZERO = 0.2
 
 
-def _load(path: str) -> Optional[Dict]:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def stage2_losses(folder: str) -> Optional[List[float]]:
-    state = _load(os.path.join(folder, "trainer_state.json"))
+    state = load_json(os.path.join(folder, "trainer_state.json"))
     if state is None:
         return None
     return [float(e["loss"]) for e in state["log_history"] if "loss" in e]
@@ -118,7 +111,7 @@ def window_series(grad: Dict, group: str, key: str) -> List[Dict]:
 
 
 def _fixed(output_dir: str, seed: int, point: str, projector: str) -> Optional[Dict]:
-    grad = _load(os.path.join(fixed_dir(output_dir, seed, point, projector), "dsl_grad_stats.json"))
+    grad = load_json(os.path.join(fixed_dir(output_dir, seed, point, projector), "dsl_grad_stats.json"))
     if grad is None or not grad["windows"]:
         return None
     window = grad["windows"][-1]
@@ -166,7 +159,7 @@ def weights_unchanged(before, after: str) -> Optional[Dict]:
 def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) -> Dict:
     """Everything measured for one seed; a missing piece is None (never dropped)."""
     arms = {}
-    probe = _load(os.path.join(output_dir, "rprobe", f"seed{seed}", "report.json"))
+    probe = load_json(os.path.join(output_dir, "rprobe", f"seed{seed}", "report.json"))
     probe_by_path = {}
     if probe is not None:
         probe_by_path = {os.path.abspath(c["checkpoint"]): c for c in probe["checkpoints"]}
@@ -185,7 +178,7 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
             # check below compares trained weights, not the pretrained ones)
             moved = weights_unchanged([(paths["vision_tower"], "model.vision_tower.vision_tower.")], folder)
             row["tower_change_from_pretrained"] = moved
-        grad = _load(os.path.join(folder, "dsl_grad_stats.json"))
+        grad = load_json(os.path.join(folder, "dsl_grad_stats.json"))
         if grad is not None:
             norms = tower_grad_norms(grad)
             group = shallow_group(grad)
@@ -202,7 +195,7 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
             }
         for heldout, key in (("rendered", "answers"), ("handwritten", "answers_handwritten")):
             row[key] = answer_scores(find_scored(eval_dir(output_dir, seed, projector, heldout)))
-        use = _load(os.path.join(use_dir(output_dir, seed, projector), "use.json"))
+        use = load_json(os.path.join(use_dir(output_dir, seed, projector), "use.json"))
         if use is not None:  # exact-match drop (points) with each tap, and all taps, replaced by its training mean
             row["use"] = {name: {"drop": 100.0 * c["drop"], "lost": c["lost"], "gained": c["gained"], "n": c["n"]}
                           for name, c in use["conditions"].items() if name != "none"}
@@ -231,7 +224,7 @@ def collect_seed(output_dir: str, plan: Plan, seed: int, paths: Dict[str, str]) 
                 if point == "mid":
                     source = os.path.join(source, f"checkpoint-{plan.mid_step}")
             fixed[key]["theta_check"] = weights_unchanged(source, fixed_dir(output_dir, seed, point, projector))
-    damage = _load(damage_file(output_dir, seed))
+    damage = load_json(damage_file(output_dir, seed))
     if damage is not None:
         by_path = {os.path.abspath(k): v for k, v in damage["checkpoints"].items()}
         for projector in ARMS:

@@ -12,6 +12,7 @@ from llava_dsl.plots import interval_plot, plot_curves, save_png
 from llava_dsl.study import stats
 from llava_dsl.study.analysis import METRICS, collect_seed, summarise
 from llava_dsl.study.plan import ARMS, SHORT, Plan
+from llava_dsl.study.runner import load_json
 
 
 def _plan(output_dir: str) -> Plan:
@@ -284,10 +285,7 @@ def figures(result: Dict, out_dir: str) -> Dict[str, str]:
 
 def write(output_dir: str, quiet: bool = False) -> Dict:
     plan = _plan(output_dir)
-    paths = {}
-    if os.path.isfile(os.path.join(output_dir, "paths.json")):
-        with open(os.path.join(output_dir, "paths.json"), encoding="utf-8") as f:
-            paths = json.load(f)
+    paths = load_json(os.path.join(output_dir, "paths.json")) or {}
     seeds = [collect_seed(output_dir, plan, seed, paths) for seed in plan.seeds]
     summary = summarise(seeds, plan)
     units_dir = os.path.join(output_dir, "units")
@@ -298,23 +296,14 @@ def write(output_dir: str, quiet: bool = False) -> Dict:
                 record = json.load(f)
             units[record["name"]] = {"seconds": record["seconds"], "finished": record["finished"],
                                      "command": record["argv"]}
-    wall = None
-    wall_file = os.path.join(output_dir, "wall_seconds.json")
-    if os.path.isfile(wall_file):
-        with open(wall_file, encoding="utf-8") as f:
-            wall = json.load(f)
+    wall = load_json(os.path.join(output_dir, "wall_seconds.json"))
     assets = {}
     for key in ("tower_report", "lm_report"):
-        if paths.get(key) and os.path.isfile(paths[key]):
-            with open(paths[key], encoding="utf-8") as f:
-                report = json.load(f)
+        report = load_json(paths[key]) if paths.get(key) else None
+        if report is not None:
             assets[key] = {k: report.get(k) for k in ("settings", "char_accuracy", "string_accuracy",
                                                       "heldout_perplexity", "heldout_head", "key", "build_seconds")}
-    search = None
-    search_file = os.path.join(output_dir, "search", "search.json")
-    if os.path.isfile(search_file):
-        with open(search_file, encoding="utf-8") as f:
-            search = json.load(f)
+    search = load_json(os.path.join(output_dir, "search", "search.json"))
     result = {
         "regime_search": search,
         "what": "llava-dsl study: single layer vs naive multi-layer vs Detached Skip-Links on locally pretrained "

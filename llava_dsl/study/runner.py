@@ -32,6 +32,14 @@ class StudyError(RuntimeError):
 _print_lock = threading.Lock()
 
 
+def load_json(path: str) -> Optional[Dict]:
+    """The JSON file at ``path``; None when there is none (a unit or study part not written yet)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def say(message: str) -> None:
     with _print_lock:
         print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -60,11 +68,7 @@ class Units:
         os.makedirs(self.record_dir, exist_ok=True)
 
     def record(self, name: str) -> Optional[Dict]:
-        path = os.path.join(self.record_dir, f"{name}.json")
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return load_json(os.path.join(self.record_dir, f"{name}.json"))
 
     def run(self, name: str, argv: Sequence[str], clear: Sequence[str] = ()) -> Dict:
         """Run ``argv`` unless ``name`` already finished with the same command; ``clear``: folders to remove
