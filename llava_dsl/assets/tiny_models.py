@@ -34,7 +34,7 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Dict, List
+from typing import List
 
 from llava_dsl.assets.ocr_data import TEXT_QUESTIONS, WORDS, RenderStyle, render
 
@@ -301,13 +301,6 @@ def write_llava_datasets(out_dir: str, num_samples: int = 16, seed: int = 0,
     return {"image_folder": os.path.join(out_dir, "images"), "pretrain": pretrain_path, "finetune": finetune_path}
 
 
-def _asset_paths(out_dir: str) -> Dict[str, str]:
-    data_dir = os.path.join(out_dir, "data")
-    return {"llm": os.path.join(out_dir, "llm"), "vision_tower": os.path.join(out_dir, "clip-vit-tiny"),
-            "image_folder": os.path.join(data_dir, "images"), "pretrain": os.path.join(data_dir, "pretrain.json"),
-            "finetune": os.path.join(data_dir, "finetune.json")}
-
-
 def build_all(out_dir: str, seed: int = 0, num_samples: int = 16, vision_layers: int = 8) -> dict:
     """Build tokenizer, language model, vision tower and data under ``out_dir``.
 
@@ -316,7 +309,10 @@ def build_all(out_dir: str, seed: int = 0, num_samples: int = 16, vision_layers:
     and the files are present, the existing assets are reused.
     """
     out_dir = os.path.abspath(out_dir)
-    paths = _asset_paths(out_dir)
+    data_dir = os.path.join(out_dir, "data")
+    paths = {"llm": os.path.join(out_dir, "llm"), "vision_tower": os.path.join(out_dir, "clip-vit-tiny"),
+             "image_folder": os.path.join(data_dir, "images"), "pretrain": os.path.join(data_dir, "pretrain.json"),
+             "finetune": os.path.join(data_dir, "finetune.json")}
     params = {"format_version": ASSETS_FORMAT_VERSION, "seed": seed, "num_samples": num_samples,
               "vision_layers": vision_layers}
     marker = os.path.join(out_dir, MARKER_NAME)
@@ -332,7 +328,6 @@ def build_all(out_dir: str, seed: int = 0, num_samples: int = 16, vision_layers:
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
-    data_dir = os.path.join(out_dir, "data")
     for d in (tokenizer_dir, paths["llm"], paths["vision_tower"], data_dir):
         if os.path.isdir(d):
             shutil.rmtree(d)
