@@ -42,10 +42,6 @@ class LoadedCheckpoint:
     std: List[float]
 
 
-def _has_full_weights(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
-
-
 def load_checkpoint(model_path: str, model_base: Optional[str] = None, dtype: torch.dtype = torch.float32,
                     device: Optional[str] = "cpu", freeze: bool = True) -> LoadedCheckpoint:
     """Load a LLaVA checkpoint, every parameter frozen (``freeze=False``: as LLaVA's training would load it).
@@ -72,7 +68,7 @@ def load_checkpoint(model_path: str, model_base: Optional[str] = None, dtype: to
             f"{model_path}: config.json has model_type={getattr(config, 'model_type', None)!r} and "
             f"mm_vision_tower={getattr(config, 'mm_vision_tower', None)!r}; the probe needs a LLaVA (llava_llama) "
             f"checkpoint with vision modules (a plain LLM has no visual tokens to probe)")
-    if _has_full_weights(model_path):
+    if any(os.path.exists(os.path.join(model_path, name)) for name in WEIGHT_FILES):
         model = LlavaLlamaForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
         tokenizer_path = model_path
     elif os.path.isfile(os.path.join(model_path, "mm_projector.bin")):

@@ -119,9 +119,6 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
 # The settings a resumed run must share with the one that wrote its checkpoint, with the flag that sets each.
 _RUN_FLAGS = {
     "steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
@@ -278,7 +275,9 @@ def run_probe(ckpt: LoadedCheckpoint, train_set: ProbeImageSet, eval_set: ProbeI
     runner = ProbeRunner(model, probe, ckpt.geometry, cfg.conditional)
     trainable = [p for p in probe.parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
+    warmup = cfg.warmup_steps  # linear warm-up over the first steps, then constant
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0
+                                                  else 1.0)
     if ds_config is not None:
         import deepspeed
 
