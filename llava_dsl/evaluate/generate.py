@@ -71,9 +71,8 @@ def read_questions(path: str) -> List[dict]:
     """LLaVA question lines ``{"question_id": str|int, "image": str, "text": str, ...}``, each with ``_line``."""
     questions = []
     for number, obj in read_jsonl(path, "question file"):
-        _require(obj, "question_id", (str, int), path, number, "question file")
-        _require(obj, "image", str, path, number, "question file")
-        _require(obj, "text", str, path, number, "question file")
+        for field, types in (("question_id", (str, int)), ("image", str), ("text", str)):
+            _require(obj, field, types, path, number, "question file")
         questions.append({**obj, "_line": number})
     if not questions:
         raise EvalInputError(f"question file {path}: no questions")
@@ -119,9 +118,8 @@ def read_answers(path: str, repair_torn_tail: bool = False) -> List[dict]:
                     f.truncate(last_start)
     answers = []
     for number, obj in read_jsonl(path, "answers file"):
-        _require(obj, "question_id", (str, int), path, number, "answers file")
-        _require(obj, "prompt", str, path, number, "answers file")
-        _require(obj, "text", str, path, number, "answers file")
+        for field, types in (("question_id", (str, int)), ("prompt", str), ("text", str)):
+            _require(obj, field, types, path, number, "answers file")
         answers.append({**obj, "_line": number})
     return answers
 
