@@ -231,52 +231,46 @@ def figures(result: Dict, out_dir: str) -> Dict[str, str]:
         files["paired"] = save_png(interval_plot(rows, "Paired differences (same seed): mean and 95 % "
                                                        "t-interval", "points"),
                                    os.path.join(out_dir, "study_paired.png"))
+    def curves(arms, points) -> Dict:
+        """``{"<arm> seed <n>": (xs, ys)}`` over seeds and ``arms``, where ``points`` gives an arm's curve or None."""
+        out = {}
+        for s in seeds:
+            for projector in arms:
+                xy = points(s["arms"][projector])
+                if xy:
+                    out[f"{SHORT[projector]} seed {s['seed']}"] = xy
+        return out
+
+    def shallow_trcov(arm):
+        grad = arm.get("grad")
+        w = [x for x in grad["windows"][grad["shallow_group"]]["trcov_ratio"] if x["value"] is not None] if grad else []
+        return w and ([x["last_step"] for x in w], [x["value"] for x in w])
+
+    multilayer = ("mlp_multilayer", "detached_mlp_multilayer")
     # stage-2 loss, one line per arm and seed
-    series = {}
-    for s in seeds:
-        for projector in ARMS:
-            losses = s["arms"][projector].get("losses")
-            if losses:
-                series[f"{SHORT[projector]} seed {s['seed']}"] = (list(range(1, len(losses) + 1)), losses)
+    series = curves(ARMS, lambda arm: arm.get("losses") and (list(range(1, len(arm["losses"]) + 1)), arm["losses"]))
     if series:
         files["losses"] = save_png(plot_curves(series, {}, "Stage-2 (joint) training loss per step",
                                                "optimizer step", "loss"), os.path.join(out_dir, "study_losses.png"))
     # applied tower gradient norm at measured steps
-    series = {}
-    for s in seeds:
-        for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
-            grad = s["arms"][projector].get("grad")
-            if grad:
-                series[f"{SHORT[projector]} seed {s['seed']}"] = (grad["measured_steps"], grad["tower_grad_norm"])
+    series = curves(multilayer, lambda arm: arm.get("grad") and (arm["grad"]["measured_steps"],
+                                                                 arm["grad"]["tower_grad_norm"]))
     if series:
         files["tower_grad_norm"] = save_png(plot_curves(series, {}, "Gradient norm applied to the whole tower "
                                                                     "(measured steps)", "optimizer step", "norm"),
                                             os.path.join(out_dir, "study_tower_grad_norm.png"))
     # tr(Cov) ratio on the shallowest group over training windows
-    series = {}
-    for s in seeds:
-        for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
-            grad = s["arms"][projector].get("grad")
-            if grad:
-                w = [x for x in grad["windows"][grad["shallow_group"]]["trcov_ratio"] if x["value"] is not None]
-                if w:
-                    series[f"{SHORT[projector]} seed {s['seed']}"] = ([x["last_step"] for x in w],
-                                                                      [x["value"] for x in w])
+    series = curves(multilayer, shallow_trcov)
     if series:
         files["trcov_ratio"] = save_png(plot_curves(series, {"ratio 1": 1.0},
                                                     "tr(Cov skip) / tr(Cov main), shallowest block group, per window "
                                                     "(detached: counterfactual skip part)", "window's last step",
                                                     "ratio"), os.path.join(out_dir, "study_trcov_ratio.png"))
-    # R-Probe held-out MSE vs probe step
-    series, hlines = {}, {}
-    for s in seeds:
-        for projector in ARMS:
-            probe = s["arms"][projector].get("rprobe")
-            if probe:
-                series[f"{SHORT[projector]} seed {s['seed']}"] = ([h["step"] for h in probe["history"]],
-                                                                  [h["mse"] for h in probe["history"]])
-        if "rprobe" in s and not hlines:
-            hlines = {"threshold": s["rprobe"]["threshold"], "mean image": s["rprobe"]["trivial_mse"]}
+    # R-Probe held-out MSE vs probe step; the reference lines of the first seed that has them
+    series = curves(ARMS, lambda arm: arm.get("rprobe") and ([h["step"] for h in arm["rprobe"]["history"]],
+                                                             [h["mse"] for h in arm["rprobe"]["history"]]))
+    hlines = next(({"threshold": s["rprobe"]["threshold"], "mean image": s["rprobe"]["trivial_mse"]}
+                   for s in seeds if "rprobe" in s), {})
     if series:
         files["rprobe"] = save_png(plot_curves(series, hlines, "R-Probe held-out pixel MSE", "probe step", "MSE"),
                                    os.path.join(out_dir, "study_rprobe.png"))
