@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from llava_dsl.assets.pretrained import default_root
 from llava_dsl.checkpointing.atomic import atomic_file, atomic_write_text
 from llava_dsl.demo.figures import draw_grad_norms, draw_loss_curves, markdown_table
-from llava_dsl.demo.stage_flags import as_argv, claim_output_dir, tiny_stage_flags
+from llava_dsl.demo.stage_flags import as_argv, claim_output_dir, log_tail, tiny_stage_flags
 
 PROJECTORS = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
 
@@ -230,15 +230,8 @@ class Steps:
                 self._live.discard(process)
         if code != 0:
             raise DemoError(f"step {name!r} failed (exit code {code}); its full output is in {log_path}\n"
-                            f"last lines:\n{_tail(log_path)}")
+                            f"last lines:\n{log_tail(log_path)}")
         return time.time() - started
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    last = [line for line in re.split(r"[\r\n]", text) if line.strip()][-lines:]
-    return "\n".join("  " + line for line in last)
 
 
 def _trainer_progress(line: str) -> Optional[int]:

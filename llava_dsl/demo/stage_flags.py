@@ -1,9 +1,11 @@
 """What the demo and the study share: LLaVA-1.5's ``train.py`` flags for one tiny CPU stage on the digit data (the
 same recipe as LLaVA's scripts/v1_5/*.sh, at the sizes these runs use; each caller adds only what differs, its
-checkpointing and its gradient diagnostics), and the guard on their output folders."""
+checkpointing and its gradient diagnostics), the guard on their output folders, and the tail of a failed step's
+log."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, List, Optional, Type
 
 
@@ -17,6 +19,13 @@ def claim_output_dir(output_dir: str, marker: str, owner: str, note: str, error:
                     f"choose a new or empty folder")
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_text(os.path.join(output_dir, marker), f"written by {note}\n")
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    """The last non-blank ``lines`` of a step's log (progress bars' \\r updates count as lines), indented."""
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    return "\n".join("  " + line for line in [line for line in re.split(r"[\r\n]", text) if line.strip()][-lines:])
 
 
 def as_argv(values: Dict[str, object]) -> List[str]:

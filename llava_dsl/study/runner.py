@@ -19,7 +19,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from llava_dsl.checkpointing.atomic import atomic_folder, atomic_write_text
-from llava_dsl.demo.stage_flags import as_argv, tiny_stage_flags
+from llava_dsl.demo.stage_flags import as_argv, log_tail, tiny_stage_flags
 from llava_dsl.study.plan import ARMS, SHORT, Plan
 
 MARKER = "LLAVA_DSL_STUDY"
@@ -94,19 +94,12 @@ class Units:
         seconds = time.time() - started
         if code != 0:
             raise StudyError(f"unit {name} failed (exit code {code}) after {seconds:.0f}s; its output is in "
-                             f"{log_path}\nlast lines:\n{tail(log_path)}")
+                             f"{log_path}\nlast lines:\n{log_tail(log_path)}")
         record = {"name": name, "argv": argv, "seconds": round(seconds, 1),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_end": list(os.getloadavg())}
         atomic_write_text(os.path.join(self.record_dir, f"{name}.json"), json.dumps(record, indent=1))
         say(f"{name}: done in {seconds:.0f}s")
         return record
-
-
-def tail(path: str, lines: int = 15) -> str:
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    kept = [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-lines:]
-    return "\n".join("  " + line for line in kept)
 
 
 # ------------------------------------------------------------------------------------------ command lines
