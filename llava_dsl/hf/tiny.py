@@ -79,9 +79,7 @@ def tiny_llava(vision_feature_layer=(4, 3, 1), family="llava", num_blocks=4, see
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"
-    model = cls(config)
-    model.eval()
-    return model
+    return cls(config).eval()
 
 
 def tiny_vipllava(vision_feature_layers=(1, 4, 3), num_blocks=4, seed=0):
@@ -94,9 +92,7 @@ def tiny_vipllava(vision_feature_layers=(1, 4, 3), num_blocks=4, seed=0):
                             image_token_index=SPECIALS.index("<image>"), projector_hidden_act="gelu")
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = VipLlavaForConditionalGeneration(config)
-    model.eval()
-    return model
+    return VipLlavaForConditionalGeneration(config).eval()
 
 
 def tiny_qwen3_vl(deepstack=(0, 1, 2), depth=4, seed=0):
@@ -117,9 +113,7 @@ def tiny_qwen3_vl(deepstack=(0, 1, 2), depth=4, seed=0):
                            vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 3, video_token_id=vocab - 3)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    model.eval()
-    return model
+    return Qwen3VLForConditionalGeneration(config).eval()
 
 
 def llava_inputs(model, batch=2, seq_text=6, seed=1):
