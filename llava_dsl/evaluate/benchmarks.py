@@ -98,9 +98,10 @@ def llava_textvqa_question(prompt: str) -> str:
     return question.lower()
 
 
-def _textvqa_score(ground_truth: List[List[str]]) -> ScoreFn:
+def _mean_score(metric, ground_truth: List[List[str]]) -> ScoreFn:
+    """x100 the mean over questions of ``metric(prediction, answers)``; an unanswered question scores 0."""
     def score(predictions: Predictions):
-        per = [0.0 if p is None else vqa_soft_accuracy(p, gt) for p, gt in zip(predictions, ground_truth)]
+        per = [0.0 if p is None else metric(p, gt) for p, gt in zip(predictions, ground_truth)]
         return 100.0 * (sum(per) / len(per)), {}, per
     return score
 
@@ -142,14 +143,7 @@ def load_textvqa(data_dir: str, protocol: str = "llava-ocr", annotation_file: Op
     else:
         raise EvalInputError(f"--protocol {protocol!r} for textvqa: expected llava-ocr or plain")
     return Benchmark("textvqa", protocol, "val", "VQA accuracy (EvalAI normalisation)", "%", questions,
-                     image_folder, sources, 128, _textvqa_score(ground_truth), ground_truth)
-
-
-def _anls_score(ground_truth: List[List[str]]) -> ScoreFn:
-    def score(predictions: Predictions):
-        per = [0.0 if p is None else anls(p, gt) for p, gt in zip(predictions, ground_truth)]
-        return 100.0 * (sum(per) / len(per)), {}, per
-    return score
+                     image_folder, sources, 128, _mean_score(vqa_soft_accuracy, ground_truth), ground_truth)
 
 
 def _load_docvqa_like(name: str, data_dir: str, annotation_file: str, image_folder: str, image_field: str,
@@ -173,7 +167,7 @@ def _load_docvqa_like(name: str, data_dir: str, annotation_file: str, image_fold
     split = entries[0].get("data_split", "val") if isinstance(entries[0], dict) else "val"
     return Benchmark(name, "short-answer", str(split), "ANLS (threshold 0.5)", "ANLS x100", questions, image_folder,
                      {"annotation_file": os.path.abspath(annotation_file)}, max_new_tokens,
-                     _anls_score(ground_truth), ground_truth)
+                     _mean_score(anls, ground_truth), ground_truth)
 
 
 def load_docvqa(data_dir: str, annotation_file: Optional[str] = None, image_folder: Optional[str] = None,
