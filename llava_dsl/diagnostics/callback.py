@@ -58,11 +58,8 @@ def _all_reduce_mean(parts: Dict[int, Dict[str, torch.Tensor]], world: int) -> N
         flat = torch.cat([parts[layer][n] for n in names])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= world
-        offset = 0
-        for n in names:
-            size = parts[layer][n].numel()
-            parts[layer][n] = flat[offset:offset + size]
-            offset += size
+        for n, piece in zip(names, flat.split([parts[layer][n].numel() for n in names])):
+            parts[layer][n] = piece
 
 
 CHECKPOINT_STATE_FILE = "dsl_grad_stats_state.pt"  # in each training checkpoint
