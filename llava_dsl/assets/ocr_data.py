@@ -417,13 +417,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.add_argument(f"--num-{split}", type=int, default=getattr(defaults, f"num_{split}"))
     parser.add_argument("--content", choices=("mixed", "digits"), default=defaults.content,
                         help="mixed: words, numbers, phrases; digits: digit strings with held-out strings and sizes")
-    parser.add_argument("--min-digits", type=int, default=defaults.min_digits)
-    parser.add_argument("--max-digits", type=int, default=defaults.max_digits)
+    for bound in ("min", "max"):
+        parser.add_argument(f"--{bound}-digits", type=int, default=getattr(defaults, f"{bound}_digits"))
     args = parser.parse_args(argv)
-    cfg = OcrDataConfig(seed=args.seed, image_size=args.image_size, num_pretrain=args.num_pretrain,
-                        num_finetune=args.num_finetune, num_heldout=args.num_heldout, num_textvqa=args.num_textvqa,
-                        num_ocrbench=args.num_ocrbench, content=args.content, min_digits=args.min_digits,
-                        max_digits=args.max_digits)
+    cfg = OcrDataConfig(**{name: getattr(args, name) for name in asdict(defaults)})  # one flag per field
     if not 1 <= cfg.min_digits <= cfg.max_digits:
         raise SystemExit(f"--min-digits={cfg.min_digits} --max-digits={cfg.max_digits}: expected "
                          f"1 <= min <= max")
