@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from llava_dsl.assets.pretrained import default_root
 from llava_dsl.checkpointing.atomic import atomic_file, atomic_write_text
 from llava_dsl.demo.figures import draw_grad_norms, draw_loss_curves, markdown_table
-from llava_dsl.demo.stage_flags import as_argv, claim_output_dir, log_tail, tiny_stage_flags
+from llava_dsl.demo.stage_flags import as_argv, child_env, claim_output_dir, log_tail, tiny_stage_flags
 
 PROJECTORS = ("mlp2x_gelu", "mlp_multilayer", "detached_mlp_multilayer")
 
@@ -172,26 +172,12 @@ def tower_report(paths: Dict[str, str]) -> Dict:
             "lm": _load_json(paths["lm_report"], "LM build report")}
 
 
-def child_env() -> Dict[str, str]:
-    env = dict(os.environ)
-    # the steps import this package: found from any working directory, installed or not
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")  # tiny matrices: a second thread only adds contention
-    env.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               # everything is local: a stray hub name fails at once instead of waiting on the network
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               # CPU everywhere, so the numbers compare across machines (tiny models gain nothing from a GPU)
-               CUDA_VISIBLE_DEVICES="")
-    return env
-
-
 class Steps:
     """Runs each step as a subprocess, its output into ``logs/<name>.log``, with a progress bar."""
 
     def __init__(self, log_dir: str):
         self.log_dir = log_dir
-        self.env = child_env()
+        self.env = child_env()  # CPU everywhere, so the numbers compare across machines
         self._live: set = set()  # running children, so that a failed step can stop the others
         self._lock = threading.Lock()
         os.makedirs(log_dir, exist_ok=True)

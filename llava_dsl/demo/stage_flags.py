@@ -1,12 +1,26 @@
 """What the demo and the study share: LLaVA-1.5's ``train.py`` flags for one tiny CPU stage on the digit data (the
 same recipe as LLaVA's scripts/v1_5/*.sh, at the sizes these runs use; each caller adds only what differs, its
-checkpointing and its gradient diagnostics), the guard on their output folders, and the tail of a failed step's
-log."""
+checkpointing and its gradient diagnostics), the environment their steps run in, the guard on their output folders,
+and the tail of a failed step's log."""
 from __future__ import annotations
 
 import os
 import re
 from typing import Dict, List, Optional, Type
+
+
+def child_env(device: str = "cpu") -> Dict[str, str]:
+    """The environment of a step run as a subprocess: this checkout's ``llava_dsl`` importable from any working
+    directory, installed or not; offline; one thread; no GPU unless ``device`` asks for one."""
+    env = dict(os.environ)
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny matrices: a second thread only adds contention
+    # everything is local: a stray hub name fails at once instead of waiting on the network
+    env.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def claim_output_dir(output_dir: str, marker: str, owner: str, note: str, error: Type[Exception]) -> None:

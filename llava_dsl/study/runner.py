@@ -19,7 +19,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from llava_dsl.checkpointing.atomic import atomic_folder, atomic_write_text
-from llava_dsl.demo.stage_flags import as_argv, log_tail, tiny_stage_flags
+from llava_dsl.demo.stage_flags import as_argv, child_env, log_tail, tiny_stage_flags
 from llava_dsl.study.plan import ARMS, SHORT, Plan
 
 MARKER = "LLAVA_DSL_STUDY"
@@ -43,17 +43,6 @@ def load_json(path: str) -> Optional[Dict]:
 def say(message: str) -> None:
     with _print_lock:
         print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def child_env(device: str) -> Dict[str, str]:
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")  # tiny matrices: a second thread only adds contention
-    env.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
 
 
 class Units:
