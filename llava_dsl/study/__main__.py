@@ -3,7 +3,9 @@ per claim of the paper (gradient interference, accuracy and stability, R-Probe).
 
     python -m llava_dsl.study [run] [--scale 4] [--seeds 0,...,7] [--output_dir study_output] [--device cpu]
     python -m llava_dsl.study --quick --output_dir study_quick   the whole pipeline, small (2 seeds, scale 1)
+    python -m llava_dsl.study run --stage2_data mix --read_fraction 0.2   stage 2 on a mix, reading a minority
     python -m llava_dsl.study search [--output_dir ...]     the regime search (gradient statistics only)
+    python -m llava_dsl.study search --criterion mechanism  the regime search by the damage and use probes
     python -m llava_dsl.study report [--output_dir ...]     tables, JSON and figures from what has finished
     python -m llava_dsl.study report --results FILE        a committed results.json's tables under today's rules
 
@@ -18,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import MISSING, replace
 from typing import Dict, Optional, Sequence
 
 from llava_dsl.checkpointing.atomic import atomic_write_text
@@ -48,6 +50,15 @@ def build_paths(output_dir: str, plan: Plan, assets_root: Optional[str], overrid
                                     num_finetune=plan.num_finetune, num_heldout=plan.num_heldout,
                                     num_textvqa=8, num_ocrbench=8, content="digits",
                                     min_digits=plan.min_digits, max_digits=plan.max_digits))
+    if plan.stage2_data == "mix":  # stage 2 reads the mix; stage 1, the probes' renders and the held-out OCR do not
+        from llava_dsl.assets.data_mix import MixConfig, build as build_mix
+
+        mix = build_mix(os.path.join(output_dir, "data", f"mix-{plan.image_size}px-read{plan.read_fraction:g}"
+                                                         + ("-confusable" if plan.confusable else "")),
+                        MixConfig(seed=plan.data_seed, image_size=plan.image_size, num_finetune=plan.num_finetune,
+                                  num_eval=8, read_fraction=plan.read_fraction, confusable=plan.confusable,
+                                  min_chars=plan.min_digits, max_chars=plan.max_digits))
+        data = {**data, "finetune": mix["finetune"], "finetune_image_folder": mix["image_folder"]}
     return {**models, **data}
 
 
@@ -65,10 +76,11 @@ def check_output_dir(output_dir: str, plan: Plan) -> Plan:
     recorded = load_json(plan_file)
     if recorded is not None:
         # more seeds may be added to a finished study; anything else must match
-        same = {k: v for k, v in recorded.items() if k != "seeds"} == {k: v for k, v in wanted.items() if k != "seeds"}
-        if not same:
-            changed = sorted(k for k in set(recorded) | set(wanted)
-                             if k != "seeds" and recorded.get(k) != wanted.get(k))
+        # a field the recorded plan predates ran with its default (e.g. stage2_data "reading")
+        recorded = {**{k: f.default for k, f in Plan.__dataclass_fields__.items() if f.default is not MISSING},
+                    **recorded}
+        changed = sorted(k for k in set(recorded) | set(wanted) if k != "seeds" and recorded.get(k) != wanted.get(k))
+        if changed:
             raise StudyError(f"--output_dir {output_dir} holds a study with another plan (differs in "
                              f"{', '.join(f'{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}' for k in changed)}); "
                              f"use a new --output_dir to run this one")
@@ -161,6 +173,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="asset cache (default $LLAVA_DSL_ASSETS, else ~/.cache/llava_dsl/assets)")
     parser.add_argument("--vision_tower", default=None, help="use this tower instead of the cached one (smoke runs)")
     parser.add_argument("--llm", default=None, help="use this LM instead of the cached one (smoke runs)")
+    parser.add_argument("--stage2_data", "--stage2-data", default="reading", choices=("reading", "mix"),
+                        help="stage-2 supervision for every arm: reading (every question asks for the string, the "
+                             "default) or mix (llava_dsl.assets.data_mix: reading a minority); the held-out OCR "
+                             "evaluation is the rendered reading set either way")
+    parser.add_argument("--read_fraction", "--read-fraction", type=float, default=0.2,
+                        help="with --stage2_data mix: the share of reading questions (default 0.2)")
+    parser.add_argument("--confusable", action="store_true",
+                        help="with --stage2_data mix: strings mix digits with confusable letters "
+                             "(O/0, l/1/I, S/5, B/8)")
+    parser.add_argument("--criterion", default="gradient", choices=("gradient", "mechanism"),
+                        help="search: score candidates by gradient statistics (default) or by the damage and use "
+                             "probes (llava_dsl/study/search.py states both rules)")
     parser.add_argument("--results", default=None,
                         help="report: print the tables of this results.json under the current analysis")
     args = parser.parse_args(argv)
@@ -172,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         base = QUICK if args.quick else {"scale": DEFAULT_SCALE, "seeds": DEFAULT_SEEDS, "full_seeds": FULL_SEEDS}
         plan = make_plan(base["scale"] if args.scale is None else args.scale,
                          base["seeds"] if args.seeds is None else parse_seeds(args.seeds), args.device,
-                         full_seeds=base["full_seeds"])
+                         full_seeds=base["full_seeds"], stage2_data=args.stage2_data,
+                         read_fraction=args.read_fraction, confusable=args.confusable)
         output_dir = os.path.abspath(args.output_dir)
         override = {"vision_tower": args.vision_tower, "llm": args.llm}
         if args.command == "run":
@@ -186,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 raise StudyError(f"--output_dir {output_dir}: no plan.json; run the study there first")
             write_report(output_dir)
         else:
-            from llava_dsl.study.search import run_search
+            from llava_dsl.study.search import run_mechanism_search, run_search
 
             claim(output_dir)
 
@@ -195,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 os.makedirs(folder, exist_ok=True)
                 return build_paths(folder, candidate, args.assets_root, override)
 
-            run_search(output_dir, plan, paths_for)
+            (run_mechanism_search if args.criterion == "mechanism" else run_search)(output_dir, plan, paths_for)
     except (PlanError, StudyError) as error:
         raise SystemExit(f"llava_dsl.study: {error}") from None
 

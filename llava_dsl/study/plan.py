@@ -46,6 +46,9 @@ QUICK = {"scale": 1.0, "seeds": (0, 1), "full_seeds": 1}
 BASE = {"stage1_steps": 30, "stage2_steps": 120, "fixed_theta_steps": 16, "probe_steps": 80, "eval_questions": 250}
 
 
+STAGE2_DATA = ("reading", "mix")
+
+
 class PlanError(ValueError):
     """A flag value the study cannot run with; the message names it and what was expected."""
 
@@ -91,6 +94,12 @@ class Plan:
     min_digits: int = 2
     max_digits: int = 5
     data_seed: int = 0
+    # the stage-2 supervision, the same for every arm: "reading" (every question asks for the string) or "mix"
+    # (assets.data_mix: a `read_fraction` of reading questions, the rest about colour, position, count, shape;
+    # `confusable` mixes letters into the strings). The held-out OCR evaluation is the rendered reading set either way.
+    stage2_data: str = "reading"
+    read_fraction: float = 0.2
+    confusable: bool = False
 
     @property
     def num_pretrain(self) -> int:
@@ -129,7 +138,13 @@ def parse_seeds(text: str) -> Tuple[int, ...]:
 
 
 def make_plan(scale: float = DEFAULT_SCALE, seeds: Tuple[int, ...] = DEFAULT_SEEDS, device: str = "cpu",
-              regime: Dict = None, full_seeds: int = FULL_SEEDS) -> Plan:
+              regime: Dict = None, full_seeds: int = FULL_SEEDS, stage2_data: str = "reading",
+              read_fraction: float = 0.2, confusable: bool = False) -> Plan:
+    if stage2_data not in STAGE2_DATA:
+        raise PlanError(f"--stage2_data {stage2_data!r}: expected one of {', '.join(STAGE2_DATA)}")
+    if not (isinstance(read_fraction, (int, float)) and 0.0 < read_fraction < 1.0):
+        raise PlanError(f"--read_fraction {read_fraction!r}: expected a share strictly between 0 and 1 (e.g. 0.2: "
+                        f"a fifth of the stage-2 questions ask for the string)")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise PlanError(f"--scale {scale!r}: expected a positive number (1 = the CPU default)")
     if device not in ("cpu", "cuda"):
@@ -148,4 +163,5 @@ def make_plan(scale: float = DEFAULT_SCALE, seeds: Tuple[int, ...] = DEFAULT_SEE
                 eval_questions=max(8, min(2000, round(BASE["eval_questions"] * scale))),
                 handwritten_questions=max(8, min(800, round(100 * scale))),
                 use_questions=max(8, min(400, round(50 * scale))),
-                num_heldout=64 if scale <= 2 else 128)
+                num_heldout=64 if scale <= 2 else 128, stage2_data=stage2_data,
+                read_fraction=float(read_fraction), confusable=bool(confusable))

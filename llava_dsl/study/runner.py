@@ -93,13 +93,20 @@ class Units:
 
 # ------------------------------------------------------------------------------------------ command lines
 
+def finetune_images(paths: Dict[str, str]) -> str:
+    """The image folder of the stage-2 json: the data mix's own with ``stage2_data`` "mix", else the rendered set's
+    (a paths.json written before the option has no ``finetune_image_folder``)."""
+    return paths.get("finetune_image_folder") or paths["image_folder"]
+
+
 def train_flags(plan: Plan, paths: Dict[str, str], projector: str, stage: int, output_dir: str, seed: int,
                 adapter: Optional[str] = None) -> List[str]:
     """LLaVA-1.5's train.py flags for one stage of one arm: the same for every arm except the projector."""
     values = tiny_stage_flags(
         llm=paths["llm"], vision_tower=paths["vision_tower"],
-        data_path=paths["pretrain"] if stage == 1 else paths["finetune"], image_folder=paths["image_folder"],
-        projector=projector, stage=stage, steps=plan.stage1_steps if stage == 1 else plan.stage2_steps,
+        data_path=paths["pretrain"] if stage == 1 else paths["finetune"],
+        image_folder=paths["image_folder"] if stage == 1 else finetune_images(paths), projector=projector,
+        stage=stage, steps=plan.stage1_steps if stage == 1 else plan.stage2_steps,
         batch_size=plan.batch_size, learning_rate=plan.stage1_lr if stage == 1 else plan.stage2_lr, seed=seed,
         output_dir=output_dir, skip_layers=plan.skip_layers, detach_depth=plan.detach_depth,
         tower_lr=plan.tower_lr, adapter=adapter)
@@ -123,7 +130,7 @@ def fixed_theta_flags(plan: Plan, paths: Dict[str, str], projector: str, output_
     stage-2 start (the LLM, the pretrained tower and the stage-1 ``adapter``)."""
     values = tiny_stage_flags(
         llm=model or paths["llm"], vision_tower=paths["vision_tower"], data_path=paths["finetune"],
-        image_folder=paths["image_folder"], projector=projector, stage=2, steps=plan.fixed_theta_steps,
+        image_folder=finetune_images(paths), projector=projector, stage=2, steps=plan.fixed_theta_steps,
         batch_size=plan.batch_size, learning_rate=0.0, seed=seed, output_dir=output_dir,
         skip_layers=plan.skip_layers, detach_depth=plan.detach_depth, tower_lr=0.0,
         adapter=adapter if model is None else None)
@@ -256,7 +263,8 @@ def run_seed(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None
     mechanism_units(units, plan, paths, seed)
 
 
-def mechanism_units(units: Units, plan: Plan, paths: Dict[str, str], seed: int) -> None:
+def mechanism_units(units: Units, plan: Plan, paths: Dict[str, str], seed: int,
+                    arms: Sequence[str] = ("mlp_multilayer", "detached_mlp_multilayer", "mlp2x_gelu")) -> None:
     """The mechanism on this seed's checkpoints, through ``python -m llava_dsl.probes``: *damage*, linear probes
     (glyph identity, pixel R^2) on the frozen features of each tapped block of every arm's tower against the
     pretrained tower, on the same renders (the probe's seed = the study seed); *use*, each multi-layer arm's
@@ -265,14 +273,14 @@ def mechanism_units(units: Units, plan: Plan, paths: Dict[str, str], seed: int) 
     units.run(f"seed{seed}-damage",
               [sys.executable, "-m", "llava_dsl.probes", "damage",
                # the naive arm first: its main layer and taps are the layers probed in every tower
-               *[stage_dir(out, seed, p, 2) for p in ("mlp_multilayer", "detached_mlp_multilayer", "mlp2x_gelu")],
+               *[stage_dir(out, seed, p, 2) for p in arms],
                "--reference", paths["vision_tower"], "--seed", str(seed), "--device", plan.device,
                "--output", damage_file(out, seed)])
     for projector in ("mlp_multilayer", "detached_mlp_multilayer"):
         units.run(f"seed{seed}-use-{SHORT[projector]}",
                   [sys.executable, "-m", "llava_dsl.probes", "use", "--model-path", stage_dir(out, seed, projector, 2),
                    "--data-dir", paths["use_dir"], "--train-data", paths["finetune"], "--image-folder",
-                   paths["image_folder"], "--output-dir", use_dir(out, seed, projector), "--device", plan.device,
+                   finetune_images(paths), "--output-dir", use_dir(out, seed, projector), "--device", plan.device,
                    "--max_new_tokens", str(plan.max_new_tokens)])
 
 
