@@ -191,6 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         if args.jobs < 1:
             raise PlanError(f"--jobs {args.jobs}: expected a positive integer")
+        if args.stage2_data == "reading" and (args.confusable or args.read_fraction != 0.2):
+            raise PlanError("--read_fraction / --confusable: they shape the data mix; add --stage2_data mix")
         if bool(args.vision_tower) != bool(args.llm):
             raise PlanError("--vision_tower and --llm: give both or neither")
         base = QUICK if args.quick else {"scale": DEFAULT_SCALE, "seeds": DEFAULT_SEEDS, "full_seeds": FULL_SEEDS}
