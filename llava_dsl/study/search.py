@@ -15,9 +15,10 @@ Mechanism rule, fixed before any run: a candidate meets the criterion when BOTH 
 match drops by at least 5 points when all its taps are replaced by their training means, and (2) *damage*: at the
 shallowest tap, the naive arm's tower is below the pretrained tower's by more than 0.03 in pixel R^2 or by more
 than 0.03 in glyph accuracy (joint training in the demo's regime moved that layer's pixel R^2 by at most 0.024,
-either way, over three seeds). The study uses the first candidate, in list order, that meets it. If none does, that is reported as a
-finding and the fallback is the candidate with the most halves met, then the largest naive all-taps drop, then the
-largest shallow pixel-R^2 loss of the naive arm against the pretrained tower; ties go to the earlier candidate.
+either way, over three seeds). The study uses the first candidate, in list order, that meets it. If none does,
+that is reported as a finding and the fallback is the candidate with the most halves met, then the largest naive
+all-taps drop, then the largest shallow pixel-R^2 loss of the naive arm against the pretrained tower; ties go to
+the earlier candidate.
 """
 from __future__ import annotations
 
